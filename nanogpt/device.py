@@ -1,0 +1,65 @@
+"""Which device and number format to run on: auto-detection, checks, and the autocast context."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import torch
+
+from nanogpt.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def mps_available() -> bool:
+    return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+
+
+def resolve_device(requested: str) -> str:
+    """'auto' picks cuda, then mps, then cpu; an explicit device is checked to exist."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if mps_available() else "cpu"
+    kind = requested.split(":")[0]
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"--device={requested} was requested but CUDA is not available on this machine "
+                "(no NVIDIA GPU, or a CPU-only PyTorch). Use --device=cpu, or --device=auto to pick what is there."
+            )
+        if ":" in requested and int(requested.split(":")[1] or 0) >= torch.cuda.device_count():
+            raise UserError(f"--device={requested}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    elif kind == "mps":
+        if not mps_available():
+            raise UserError(
+                "--device=mps was requested but Apple's Metal backend is not available here "
+                "(it needs a Mac with Apple silicon or an AMD GPU). Use --device=cpu or --device=auto."
+            )
+    elif kind != "cpu":
+        raise UserError(f"unknown --device={requested!r}. Use auto, cpu, cuda, cuda:N or mps.")
+    return requested
+
+
+def resolve_dtype(requested: str, device: str) -> str:
+    """'auto' is bfloat16 on CUDA GPUs that support it, float16 on older ones, float32 elsewhere."""
+    kind = device.split(":")[0]
+    if requested == "auto":
+        if kind == "cuda":
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "float32"
+    if requested not in DTYPES:
+        raise UserError(f"unknown --dtype={requested!r}. Use auto, float32, bfloat16 or float16.")
+    if requested == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("--dtype=bfloat16 is not supported by this GPU (it needs Ampere or newer); use float16.")
+    if requested == "float16" and kind == "cpu":
+        raise UserError("--dtype=float16 is not supported for training on the CPU; use bfloat16 or float32.")
+    return requested
+
+
+def autocast(device: str, dtype: str) -> ContextManager:
+    """Mixed precision for matmuls where the device supports it; a no-op for float32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.split(":")[0], dtype=DTYPES[dtype])

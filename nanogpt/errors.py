@@ -1,0 +1,28 @@
+"""One exception type for mistakes a user can fix, and the wrapper that turns it into a message.
+
+Scripts raise `UserError("what is wrong. What to do.")` for bad input; `run_main` prints it as one
+paragraph on stderr and exits with status 2, so users never see a traceback for their own mistakes.
+Real bugs still raise normally and show a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from typing import Callable, Sequence
+
+
+class UserError(Exception):
+    """A problem with the user's input, files or machine, with a message saying how to fix it."""
+
+
+def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
+    """Call `main(argv)`; on UserError print the message and exit 2, on Ctrl-C exit 130 quietly."""
+    try:
+        main(argv)
+    except UserError as e:
+        print(textwrap.fill(f"error: {e}", width=100, break_long_words=False), file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,55 @@
+"""Model FLOPs utilisation: achieved FLOP/s as a fraction of what the device can do.
+
+MFU (PaLM paper, appendix B) compares the FLOPs a training step must do by the model's arithmetic
+with the device's peak. GPU peaks are the vendors' dense tensor-core figures; for a CPU there is no
+datasheet figure we can trust, so we measure a large matmul once and use that as the peak.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+
+import torch
+
+# dense (no sparsity) peak FLOP/s for bfloat16/float16 tensor-core math, from vendor datasheets
+GPU_PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,  # SXM; the PCIe card is 756e12
+    "A100": 312e12,
+    "A10G": 70e12,
+    "A10": 125e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def measured_matmul_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
+    """Best FLOP/s of a few n x n matmuls: the practical peak of this device for this dtype."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ b
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def peak_flops(device: str, dtype: torch.dtype = torch.float32) -> float:
+    """Peak FLOP/s of `device`: the datasheet figure for known GPUs, else a measured matmul."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        name = torch.cuda.get_device_name(torch.device(device))
+        for key, flops in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return flops if dtype != torch.float32 else flops / 2  # TF32 runs at half the bf16 rate
+    return measured_matmul_flops(device, dtype)

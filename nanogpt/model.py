@@ -1,0 +1,322 @@
+"""The GPT language model, in one file you can read top to bottom.
+
+GPT-2 architecture (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"):
+token + learned position embeddings, a stack of pre-LayerNorm transformer blocks, a final LayerNorm
+and a language-model head tied to the token embedding. Parameter names follow OpenAI's GPT-2
+checkpoints (wte wpe h ln_f c_attn c_proj c_fc), so loading them is a key mapping (see `hf.py`).
+
+References:
+1) OpenAI's TensorFlow GPT-2: https://github.com/openai/gpt-2/blob/master/src/model.py
+2) Hugging Face's PyTorch GPT-2: transformers/models/gpt2/modeling_gpt2.py
+3) nanoGPT by Andrej Karpathy, whose structure this file keeps.
+
+This module is pure: no argv, no file I/O, no environment reads, no prints.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # longest sequence the position embedding covers
+    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for efficiency
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linears and LayerNorms, like GPT-2; False is a bit better and faster
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, preallocated to `block_size`.
+
+    Decoding with a cache (prefill the prompt once, then feed one token per step) turns generation
+    from O(T^2) work per token into O(T): each new token attends to stored keys instead of
+    recomputing the whole prefix.
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
+        hs = config.n_embd // config.n_head
+        shape = (config.n_layer, batch_size, config.n_head, config.block_size, hs)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # number of positions filled, the same for every layer once a forward pass ends
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new keys/values (B, nh, T, hs); return all keys/values so far."""
+        T = k.size(2)
+        self.k[layer, :, :, self.length : self.length + T] = k
+        self.v[layer, :, :, self.length : self.length + T] = v
+        end = self.length + T
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        # key, query and value projections for all heads, in one matmul
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # output projection back into the residual stream
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.dropout = config.dropout
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        hs = C // self.n_head
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
+            if past == 0:
+                attn_mask, is_causal = None, True
+            elif T == 1:
+                attn_mask, is_causal = None, False  # one new token may look at everything before it
+            else:
+                # query i (absolute position past + i) sees keys 0 .. past + i
+                attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+                is_causal = False
+        else:
+            attn_mask, is_causal = None, True
+        # scaled dot-product attention (Vaswani et al. 2017); PyTorch picks a fused kernel
+        # (FlashAttention on recent GPUs) so the (T, T) attention matrix is never materialised
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        # GPT-2 uses the tanh approximation of GELU (Hendrycks & Gimpel 2016); keep it for checkpoint parity
+        self.gelu = nn.GELU(approximate="tanh")
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)) (GPT-2, section 2.3)."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
+                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying (Press & Wolf 2017): the output projection reuses the token embedding,
+        # which saves vocab_size * n_embd parameters and is what GPT-2 does
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2 paper, section 2.3: scale the weights of residual projections by 1/sqrt(N), N being
+        # the number of residual layers (2 per block), so the residual stream's variance stays put
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2 initialisation: N(0, 0.02) for Linear and Embedding weights, zero biases."""
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def get_num_params(self, non_embedding: bool = True) -> int:
+        """Number of parameters. Position embeddings are excluded by default, as is customary;
+        token embeddings stay in because they are tied to the output layer."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> logits (B, T, vocab_size) and, with targets, the mean cross-entropy.
+
+        Without targets only the last position's logits are computed, (B, 1, vocab_size): that is
+        all generation needs and it skips most of the lm_head work.
+        """
+        B, T = idx.size()
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"cannot forward {start + T} positions, block_size is {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        tok_emb = self.transformer.wte(idx)  # (B, T, n_embd)
+        pos_emb = self.transformer.wpe(pos)  # (T, n_embd)
+        x = self.transformer.drop(tok_emb + pos_emb)
+        for block in self.transformer.h:
+            x = block(x, cache)
+        if cache is not None:
+            cache.length += T
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)  # (B, T, vocab_size)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            return logits, loss
+        return self.lm_head(x[:, [-1], :]), None  # (B, 1, vocab_size); list index keeps the time dim
+
+    def crop_block_size(self, block_size: int) -> None:
+        """Shrink the context window, e.g. to finetune GPT-2 (1024) with a smaller block_size."""
+        if not 0 < block_size <= self.config.block_size:
+            raise ValueError(f"block_size must be in 1..{self.config.block_size}, got {block_size}")
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    def configure_optimizer(
+        self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
+    ) -> torch.optim.AdamW:
+        """AdamW (Loshchilov & Hutter 2019) with weight decay on 2-D weights only: matmul weights and
+        embeddings decay; biases and LayerNorm gains do not, as in GPT-2/3 practice."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        # the fused kernel does the whole update in one launch; it exists for CUDA, MPS and CPU tensors
+        # in recent PyTorch, while foreach (the fallback) batches the per-tensor loops
+        fused = device_type in ("cuda", "cpu", "mps")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
+
+    def estimate_flops_per_token(self) -> float:
+        """Training FLOPs per token: 6N for the matmuls plus attention, PaLM paper appendix B."""
+        N = self.get_num_params()
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        return 6 * N + 12 * L * H * Q * T
+
+    @torch.no_grad()
+    def generate_stream(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield max_new_tokens next tokens, each (B, 1), continuing the prompts idx (B, T).
+
+        With `use_cache` the prompt is encoded once and each step feeds one token. When the context
+        reaches block_size the oldest half of the window is dropped and the rest re-encoded (learned
+        position embeddings make a true sliding window impossible); up to block_size tokens the
+        result equals full recomputation (`use_cache=False`, which crops to the last block_size
+        tokens each step, as nanoGPT does).
+        """
+        block_size = self.config.block_size
+        if not use_cache:
+            for _ in range(max_new_tokens):
+                logits, _ = self(idx[:, -block_size:])
+                nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+                idx = torch.cat((idx, nxt), dim=1)
+                yield nxt
+            return
+        param = self.lm_head.weight
+        cache = KVCache(self.config, idx.size(0), param.device, param.dtype)
+        context = idx[:, -block_size:]
+        logits, _ = self(context, cache=cache)  # prefill
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            yield nxt
+            if i == max_new_tokens - 1:
+                break
+            context = torch.cat((context, nxt), dim=1)
+            if cache.length == block_size:  # full: keep the newest half and re-encode it
+                context = context[:, -(block_size // 2 + 1) :]
+                cache.length = 0
+                logits, _ = self(context, cache=cache)
+            else:
+                logits, _ = self(nxt, cache=cache)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """Return idx (B, T) extended by max_new_tokens sampled tokens, (B, T + max_new_tokens)."""
+        new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
+        return torch.cat([idx, *new], dim=1) if new else idx
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token per row of logits (B, vocab) -> (B, 1).
+
+    temperature 0 means greedy (argmax). top_k keeps the k most likely tokens; top_p keeps the
+    smallest set of most likely tokens whose probability reaches p (nucleus sampling, Holtzman et
+    al. 2020). Both filter before sampling, so a token outside the kept set is never drawn.
+    """
+    if temperature == 0.0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens ranked above it already reach top_p; the top token always stays
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)

@@ -1,0 +1,126 @@
+"""Sample text from a trained model or from OpenAI's GPT-2.
+
+    python sample.py --out_dir=out-shakespeare-char
+    python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=5
+    python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt
+
+All samples are generated together as one batch with a KV cache. With --num_samples=1 the text
+streams to the terminal as it is generated.
+"""
+
+from __future__ import annotations
+
+import codecs
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from nanogpt.checkpoint import CKPT_NAME, INTERRUPT_NAME, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
+from nanogpt.config import option, parse_args
+from nanogpt.device import autocast, resolve_device, resolve_dtype
+from nanogpt.errors import UserError, run_main
+from nanogpt.tokenizer import GPT2_EOT, GPT2Tokenizer, Tokenizer
+
+SEPARATOR = "---------------"
+
+
+@dataclass
+class SampleOptions:
+    init_from: str = option("resume", "'resume' (the checkpoint in out_dir), gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a HF folder")
+    out_dir: str = option("out", "folder holding ckpt.pt (ignored unless init_from=resume)")
+    start: str = option("\n", "the prompt; FILE:path reads it from a file")
+    num_samples: int = option(10, "number of samples, generated together as one batch")
+    max_new_tokens: int = option(500, "tokens generated per sample")
+    temperature: float = option(0.8, "1.0 samples the model's distribution, lower is more conservative, 0 is greedy")
+    top_k: Optional[int] = option(200, "sample only among the k most likely tokens (None: no limit)")
+    top_p: Optional[float] = option(None, "nucleus sampling: the smallest set of tokens with this total probability")
+    seed: int = option(1337, "random seed")
+    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = option("auto", "auto (bfloat16 on recent GPUs, float16 on old ones, float32 elsewhere), float32, bfloat16, float16")
+    compile: bool = option(False, "torch.compile the model (pays off only for long generations)")
+    use_cache: bool = option(True, "use the KV cache; False recomputes the whole context for each token (nanoGPT)")
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.max_new_tokens < 0:
+            raise UserError("--num_samples must be at least 1 and --max_new_tokens at least 0.")
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}.")
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"--top_k must be at least 1 (or None), got {self.top_k}.")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"--top_p must be in (0, 1] (or None), got {self.top_p}.")
+
+
+def read_prompt(start: str) -> str:
+    if not start.startswith("FILE:"):
+        return start
+    path = Path(start[len("FILE:") :])
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"the prompt file {path} (from --start=FILE:{path}) does not exist.") from None
+    except UnicodeDecodeError:
+        raise UserError(f"the prompt file {path} is not UTF-8 text.") from None
+    except OSError as e:
+        raise UserError(f"cannot read the prompt file {path}: {e.strerror}.") from None
+
+
+def load_model(o: SampleOptions):
+    """The model and its tokenizer, from out_dir or from a GPT-2 checkpoint."""
+    if o.init_from == "resume":
+        out_dir = Path(o.out_dir)
+        path = out_dir / CKPT_NAME
+        if not path.exists() and (out_dir / INTERRUPT_NAME).exists():
+            path = out_dir / INTERRUPT_NAME
+        ckpt = load_checkpoint(path)
+        return model_from_checkpoint(ckpt), tokenizer_from_checkpoint(ckpt)
+    from nanogpt.hf import load_pretrained_gpt2
+
+    return load_pretrained_gpt2(o.init_from), GPT2Tokenizer()
+
+
+def encode_prompt(tok: Tokenizer, text: str) -> list[int]:
+    ids = tok.encode(text)
+    if not ids:
+        if isinstance(tok, GPT2Tokenizer):
+            return [GPT2_EOT]  # GPT-2 was trained with <|endoftext|> between documents: a neutral start
+        raise UserError("the prompt is empty. Give some text with --start, e.g. --start='ROMEO:'.")
+    return ids
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    o, _ = parse_args(SampleOptions, argv, "python sample.py", __doc__ or "")
+    device = resolve_device(o.device)
+    dtype = resolve_dtype(o.dtype, device)
+    torch.manual_seed(o.seed)
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    model, tok = load_model(o)
+    model.eval().to(device)
+    if o.compile:  # compile the forward pass that generate() calls; dynamic shapes, as the context grows
+        model.forward = torch.compile(model.forward, dynamic=True)
+    ids = encode_prompt(tok, read_prompt(o.start))
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None, :].repeat(o.num_samples, 1)
+    kwargs = dict(temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, use_cache=o.use_cache)
+    with torch.no_grad(), autocast(device, dtype):
+        if o.num_samples == 1:  # stream: print each token as soon as it is known
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            sys.stdout.write(tok.decode(ids))
+            for nxt in model.generate_stream(x, o.max_new_tokens, **kwargs):
+                sys.stdout.write(decoder.decode(tok.decode_bytes(nxt[0].tolist())))
+                sys.stdout.flush()
+            sys.stdout.write(decoder.decode(b"", final=True) + "\n" + SEPARATOR + "\n")
+        else:
+            y = model.generate(x, o.max_new_tokens, **kwargs)
+            for row in y.tolist():
+                print(tok.decode(row))
+                print(SEPARATOR)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,481 @@
+"""Train a GPT, on one device or many (DDP under torchrun).
+
+    python train.py config/train_shakespeare_char.py --device=cpu --compile=False --max_iters=2000
+    torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
+
+Defaults train GPT-2 124M on OpenWebText, as nanoGPT does. A config file (Python assignment
+syntax, parsed not executed) and --key=value options override them, in the order given.
+Checkpoints go to <out_dir>/ckpt.pt; Ctrl-C or SIGTERM saves <out_dir>/interrupt.pt; resume
+either with --init_from=resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from nanogpt.checkpoint import (
+    CKPT_NAME,
+    INTERRUPT_NAME,
+    load_resume_checkpoint,
+    model_from_checkpoint,
+    save_checkpoint,
+)
+from nanogpt.config import option, parse_args
+from nanogpt.data import TokenBatches, read_meta
+from nanogpt.device import DTYPES, autocast, resolve_device, resolve_dtype
+from nanogpt.errors import UserError, run_main
+from nanogpt.mfu import peak_flops
+from nanogpt.model import GPT, GPTConfig
+
+MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+
+
+@dataclass
+class TrainOptions:
+    # I/O
+    out_dir: str = option("out", "folder for checkpoints (ckpt.pt, interrupt.pt)")
+    eval_interval: int = option(2000, "evaluate train/val loss (and maybe checkpoint) every this many iterations")
+    log_interval: int = option(1, "print the training loss every this many iterations")
+    eval_iters: int = option(200, "batches per split used to estimate the loss at each evaluation")
+    eval_only: bool = option(False, "evaluate once and exit (e.g. to measure a pretrained GPT-2)")
+    always_save_checkpoint: bool = option(True, "checkpoint at every evaluation, not only when val loss improves")
+    init_from: str = option(
+        "scratch", "'scratch', 'resume' (from out_dir), gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a HF folder"
+    )
+    # logging
+    wandb_log: bool = option(False, "log to Weights & Biases (pip install wandb; WANDB_MODE=offline works)")
+    wandb_project: str = option("owt", "wandb project name")
+    wandb_run_name: str = option("gpt2", "wandb run name")
+    progress: bool = option(True, "show a tqdm progress bar when writing to a terminal")
+    # data
+    dataset: str = option("openwebtext", "dataset name: its files are in <data_dir>, default data/<dataset>")
+    data_dir: str = option("", "folder with train.bin, val.bin and meta.json; default data/<dataset>")
+    gradient_accumulation_steps: int = option(5 * 8, "micro-batches per optimizer step (summed over all ranks)")
+    batch_size: int = option(12, "sequences per micro-batch (per rank)")
+    block_size: int = option(1024, "context length in tokens")
+    # model
+    n_layer: int = option(12, "number of transformer blocks")
+    n_head: int = option(12, "attention heads per block")
+    n_embd: int = option(768, "embedding width; must be divisible by n_head")
+    dropout: float = option(0.0, "dropout probability: 0 for pretraining, 0.1+ for finetuning")
+    bias: bool = option(False, "biases in Linear and LayerNorm layers (GPT-2 has them)")
+    # optimizer
+    learning_rate: float = option(6e-4, "peak learning rate")
+    max_iters: int = option(600000, "total optimizer steps")
+    weight_decay: float = option(1e-1, "AdamW weight decay for 2-D weights")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float = option(1.0, "clip gradients to this global norm; 0 disables")
+    # learning rate schedule
+    decay_lr: bool = option(True, "warm up then cosine-decay the learning rate; False keeps it constant")
+    warmup_iters: int = option(2000, "iterations of linear warm-up")
+    lr_decay_iters: int = option(600000, "iteration at which the cosine decay reaches min_lr (~max_iters)")
+    min_lr: float = option(6e-5, "final learning rate (~learning_rate / 10, Chinchilla)")
+    # system
+    backend: str = option("auto", "DDP backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo")
+    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = option("auto", "auto (bfloat16 on recent GPUs, float16 on old ones, float32 elsewhere), float32, bfloat16, float16")
+    compile: bool = option(True, "torch.compile the model (PyTorch 2): slower start, faster steps")
+    seed: int = option(1337, "random seed (each DDP rank adds its rank)")
+
+    def __post_init__(self) -> None:
+        positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
+                    "block_size", "n_layer", "n_head", "n_embd")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must not be negative, got {getattr(self, name)}.")
+        if self.n_embd % self.n_head:
+            raise UserError(
+                f"--n_embd={self.n_embd} is not divisible by --n_head={self.n_head}; each head gets n_embd / n_head "
+                f"dimensions. Try --n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}.")
+        if self.learning_rate <= 0 or self.min_lr < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise UserError("--learning_rate must be positive; --min_lr, --weight_decay and --grad_clip >= 0.")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise UserError("--beta1 and --beta2 must be in [0, 1).")
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise UserError(f"--backend must be auto, nccl or gloo, got {self.backend!r}.")
+
+    @property
+    def resolved_data_dir(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else Path("data") / self.dataset
+
+
+def get_lr(it: int, o: TrainOptions) -> float:
+    """Linear warm-up for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if not o.decay_lr:
+        return o.learning_rate
+    if it < o.warmup_iters:
+        return o.learning_rate * (it + 1) / (o.warmup_iters + 1)
+    if it > o.lr_decay_iters:
+        return o.min_lr
+    ratio = (it - o.warmup_iters) / max(1, o.lr_decay_iters - o.warmup_iters)
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # goes from 1 to 0
+    return o.min_lr + coeff * (o.learning_rate - o.min_lr)
+
+
+# ----------------------------------------------------------------------------- random state
+
+
+def rng_state(data_gen: torch.Generator) -> dict[str, Any]:
+    """Every random state a training step draws from, as plain values and tensors."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+        "data": data_gen.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], data_gen: torch.Generator) -> None:
+    random.setstate(_tuples(state["python"]))
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np_state[1].numpy(), *np_state[2:]))
+    torch.set_rng_state(state["torch"])
+    data_gen.set_state(state["data"])
+    if "cuda" in state and torch.cuda.is_available():
+        with contextlib.suppress(RuntimeError, IndexError):  # fewer GPUs than when saved: fresh CUDA streams
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(x: Any) -> Any:
+    """weights_only loading may return lists where tuples were saved; random.setstate wants tuples."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def estimate_loss(model, batches: TokenBatches, o: TrainOptions, device: str, ctx, seed: int) -> dict[str, float]:
+    """Mean loss over eval_iters batches per split. The batches are the same at every evaluation
+    (a fixed seed), so successive val losses differ only because the model changed."""
+    out = {}
+    model.eval()
+    for i, split in enumerate(("train", "val")):
+        gen = torch.Generator().manual_seed(seed + 1_000_003 * (i + 1))
+        losses = torch.zeros(o.eval_iters)
+        for k in range(o.eval_iters):
+            x, y = batches.get_batch(split, o.batch_size, gen, device)
+            with ctx:
+                _, loss = model(x, y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+# ----------------------------------------------------------------------------- stopping
+
+
+class StopRequest:
+    """Turns the first Ctrl-C or SIGTERM into a flag checked between iterations, so the run can save
+    a clean checkpoint; a second Ctrl-C interrupts immediately."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not in the main thread: leave signals alone
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def resume_command(argv: Sequence[str]) -> str:
+    args = [a for a in argv if not a.startswith("--init_from=")]
+    return " ".join(["python train.py", *args, "--init_from=resume"])
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def build_model(o: TrainOptions, explicit: set[str], meta: dict) -> tuple[GPT, dict | None]:
+    """The model to train and, when resuming, the checkpoint it came from."""
+    if o.init_from == "scratch":
+        vocab_size = meta["vocab_size"] or 50304  # GPT-2's 50257 padded up to a multiple of 64
+        cfg = GPTConfig(o.block_size, vocab_size, o.n_layer, o.n_head, o.n_embd, o.dropout, o.bias)
+        return GPT(cfg), None
+    if o.init_from == "resume":
+        path, ckpt = load_resume_checkpoint(o.out_dir)
+        saved = ckpt["model_args"]
+        clash = [f"{k}: checkpoint {saved[k]!r}, requested {getattr(o, k)!r}"
+                 for k in MODEL_SHAPE_KEYS if k in explicit and saved.get(k) != getattr(o, k)]
+        if clash:
+            raise UserError(
+                f"cannot resume from {path}: its model has a different shape than requested ({'; '.join(clash)}). "
+                "Drop those options to resume as saved, or use a new --out_dir to start a new run."
+            )
+        print(f"resuming from {path} at iteration {ckpt['iter_num']}")
+        return model_from_checkpoint(ckpt, dropout=o.dropout), ckpt
+    from nanogpt.hf import load_pretrained_gpt2  # transformers is only needed for this path
+
+    model = load_pretrained_gpt2(o.init_from, dropout=o.dropout)
+    if o.block_size < model.config.block_size:
+        model.crop_block_size(o.block_size)
+    elif o.block_size > model.config.block_size and "block_size" in explicit:
+        raise UserError(
+            f"--block_size={o.block_size} is larger than {o.init_from}'s context ({model.config.block_size}); "
+            "use a block_size up to that."
+        )
+    return model, None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    o, explicit = parse_args(TrainOptions, argv, "python train.py", __doc__ or "")
+
+    # distributed set-up: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        import torch.distributed as dist
+
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        device = resolve_device(o.device)
+        if device.startswith("cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(device)
+        backend = o.backend if o.backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group(backend=backend)
+        if o.gradient_accumulation_steps % world:
+            raise UserError(
+                f"--gradient_accumulation_steps={o.gradient_accumulation_steps} must be divisible by the number of "
+                f"processes ({world}): the micro-batches are shared among them."
+            )
+        grad_accum = o.gradient_accumulation_steps // world
+    else:
+        rank, world, grad_accum = 0, 1, o.gradient_accumulation_steps
+        device = resolve_device(o.device)
+    master = rank == 0
+    try:
+        train(o, explicit, argv, device, rank, world, grad_accum, master)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
+    device_type = device.split(":")[0]
+    dtype = resolve_dtype(o.dtype, device)
+    tokens_per_iter = grad_accum * world * o.batch_size * o.block_size
+    if master:
+        print(f"tokens per iteration will be: {tokens_per_iter:,}")
+    torch.manual_seed(o.seed + rank)
+    random.seed(o.seed + rank)
+    np.random.seed(o.seed + rank)
+    data_gen = torch.Generator().manual_seed(o.seed + rank)
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed on Ampere+
+        torch.backends.cudnn.allow_tf32 = True
+    ctx = autocast(device, dtype)
+
+    data_dir = o.resolved_data_dir
+    meta = read_meta(data_dir)
+    model, ckpt = build_model(o, explicit, meta)
+    block_size = model.config.block_size
+    if ckpt is None and o.init_from == "scratch" and master:
+        print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
+    batches = TokenBatches(data_dir, block_size, vocab_size=model.config.vocab_size)
+    tokenizer_spec = ckpt["tokenizer"] if ckpt else (meta["tokenizer"] if o.init_from == "scratch" else {"kind": "gpt2"})
+    model.to(device)
+
+    # GradScaler only does something for float16 on CUDA, where small gradients would underflow
+    scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16" and device_type == "cuda"))
+    optimizer = model.configure_optimizer(o.weight_decay, o.learning_rate, (o.beta1, o.beta2), device_type)
+    iter_num, best_val_loss, skip_eval_at = 0, 1e9, None
+    if ckpt is not None:
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        if "optimizer" in ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        if "rng" in ckpt and world == 1:
+            set_rng_state(ckpt["rng"], data_gen)
+        # a checkpoint saved at an evaluation already did the evaluation at its iteration
+        skip_eval_at = iter_num if ckpt.get("reason") == "eval" else None
+        ckpt = None  # free the memory
+
+    raw_model = model
+    if o.compile:
+        if master:
+            print("compiling the model... (takes a ~minute)")
+        model = torch.compile(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
+
+    wandb = None
+    if o.wandb_log and master:
+        try:
+            import wandb
+        except ImportError:
+            raise UserError("--wandb_log=True needs the wandb package: pip install wandb (or 'nanogpt[wandb]').") from None
+        wandb.init(project=o.wandb_project, name=o.wandb_run_name, config=asdict(o))
+
+    out_dir = Path(o.out_dir)
+    if master:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create --out_dir={out_dir} ({e.strerror}). Choose a writable folder.") from None
+        if not os.access(out_dir, os.W_OK):
+            raise UserError(f"--out_dir={out_dir} is not writable. Choose a folder you can write to.")
+
+    def checkpoint(reason: str) -> dict[str, Any]:
+        return {
+            "model_args": raw_model.config.to_dict(),
+            "model": raw_model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "config": asdict(o),
+            "iter_num": iter_num,
+            "best_val_loss": best_val_loss,
+            "tokenizer": tokenizer_spec,
+            "rng": rng_state(data_gen),
+            "reason": reason,
+        }
+
+    flops_per_iter = raw_model.estimate_flops_per_token() * tokens_per_iter / world
+    peak = peak_flops(device, DTYPES[dtype]) if master else 1.0
+    from tqdm import tqdm
+
+    bar = tqdm(total=o.max_iters, initial=iter_num, disable=None if (o.progress and master) else True,
+               unit="it", dynamic_ncols=True, leave=False)
+    log = bar.write if not bar.disable else print
+    guard_nonfinite = not scaler.is_enabled()  # with float16, GradScaler skips steps with inf/NaN instead
+    first_bad_iter = torch.full((), -1, dtype=torch.long, device=device)
+    t0 = time.time()
+    local_iter, running_mfu = 0, -1.0
+
+    def check_finite() -> None:
+        bad = int(first_bad_iter.item())
+        if bad >= 0:
+            raise UserError(
+                f"the training loss became NaN or infinite at iteration {bad}; training stopped and no checkpoint "
+                "was written after it. Usual causes: a learning rate too high (try --learning_rate 3x lower, or a "
+                "longer --warmup_iters) or float16 without loss scaling (use --dtype=bfloat16 or float32)."
+            )
+
+    with StopRequest() as stop:
+        try:
+            while True:
+                lr = get_lr(iter_num, o)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                if iter_num % o.eval_interval == 0 and iter_num != skip_eval_at:
+                    if guard_nonfinite:
+                        check_finite()
+                    losses = estimate_loss(model, batches, o, device, ctx, o.seed)
+                    if master:
+                        log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                        if wandb:
+                            wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"],
+                                       "lr": lr, "mfu": running_mfu * 100})
+                    if not math.isfinite(losses["val"]):
+                        raise UserError(f"the validation loss is {losses['val']} at iteration {iter_num}; "
+                                        "the model has diverged. Lower --learning_rate.")
+                    if losses["val"] < best_val_loss or o.always_save_checkpoint:
+                        best_val_loss = min(best_val_loss, losses["val"])
+                        if iter_num > 0 and master:
+                            log(f"saving checkpoint to {out_dir / CKPT_NAME}")
+                            save_checkpoint(out_dir / CKPT_NAME, checkpoint("eval"))
+                            stale = out_dir / INTERRUPT_NAME
+                            if stale.exists():
+                                stale.unlink()  # ckpt.pt is now further along
+                if iter_num == 0 and o.eval_only:
+                    break
+
+                # forward/backward with gradient accumulation; DDP all-reduces only on the last micro-step
+                for micro_step in range(grad_accum):
+                    sync = micro_step == grad_accum - 1
+                    no_sync = model.no_sync() if world > 1 and not sync else contextlib.nullcontext()
+                    x, y = batches.get_batch("train", o.batch_size, data_gen, device)
+                    with no_sync, ctx:
+                        _, loss = model(x, y)
+                        loss = loss / grad_accum  # the mean over micro-batches, not the sum
+                    scaler.scale(loss).backward()
+                if guard_nonfinite:
+                    # remember the first non-finite iteration on the device: no host sync here
+                    first_bad_iter.masked_fill_(~torch.isfinite(loss.detach()) & (first_bad_iter < 0), iter_num)
+                if o.grad_clip != 0.0:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+
+                t1 = time.time()
+                dt, t0 = t1 - t0, t1
+                if iter_num % o.log_interval == 0 and master:
+                    lossf = loss.item() * grad_accum  # .item() syncs with the device, so only at log time
+                    if guard_nonfinite:
+                        check_finite()
+                    if local_iter >= 5:  # let the first iterations (compilation, warm-up) pass
+                        mfu = flops_per_iter / dt / peak
+                        running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+                    log(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {running_mfu * 100:.2f}%")
+                    bar.set_postfix(loss=f"{lossf:.4f}", refresh=False)
+                iter_num += 1
+                local_iter += 1
+                bar.update(1)
+                if iter_num > o.max_iters:
+                    break
+                if stop.signal_name is not None:
+                    if guard_nonfinite:
+                        check_finite()
+                    if master:
+                        save_checkpoint(out_dir / INTERRUPT_NAME, checkpoint("interrupt"))
+                        bar.close()
+                        print(
+                            f"\nstopped by {stop.signal_name} at iteration {iter_num}; saved {out_dir / INTERRUPT_NAME}.\n"
+                            f"resume with: {resume_command(argv)}",
+                            file=sys.stderr,
+                        )
+                    raise SystemExit(130 if stop.signal_name == "SIGINT" else 143)
+        except torch.OutOfMemoryError:
+            raise UserError(
+                "the GPU ran out of memory. Ways down: a smaller --batch_size with more --gradient_accumulation_steps "
+                "(same tokens per step), a smaller --block_size, a smaller model (gpt2 instead of gpt2-xl), "
+                "--dtype=bfloat16, or --compile=True. Finetuning gpt2-xl needs about 40 GB."
+            ) from None
+        finally:
+            bar.close()
+    if wandb:
+        wandb.finish()
+
+
+if __name__ == "__main__":
+    run_main(main)
