@@ -1,15 +1,15 @@
 """The `nanogpt` command: one entry point with a subcommand per script.
 
-    nanogpt prepare shakespeare_char
-    nanogpt train config/train_shakespeare_char.py --device=cpu --compile=False
-    nanogpt sample --out_dir=out-shakespeare-char
+nanogpt prepare shakespeare_char
+nanogpt train config/train_shakespeare_char.py --device=cpu --compile=False
+nanogpt sample --out_dir=out-shakespeare-char
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from nanogpt.errors import run_main
 

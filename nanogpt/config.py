@@ -16,8 +16,9 @@ import difflib
 import operator
 import textwrap
 import typing
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from nanogpt.errors import UserError
 

@@ -28,7 +28,7 @@ GPU_PEAK_FLOPS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measured_matmul_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
     """Best FLOP/s of a few n x n matmuls: the practical peak of this device for this dtype."""
     a = torch.randn(n, n, device=device, dtype=dtype)

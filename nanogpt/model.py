@@ -16,8 +16,8 @@ This module is pure: no argv, no file I/O, no environment reads, no prints.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 import torch
 import torch.nn as nn

@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import codecs
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
-from nanogpt.checkpoint import CKPT_NAME, INTERRUPT_NAME, load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
+from nanogpt.checkpoint import (
+    CKPT_NAME,
+    INTERRUPT_NAME,
+    load_checkpoint,
+    model_from_checkpoint,
+    tokenizer_from_checkpoint,
+)
 from nanogpt.config import option, parse_args
 from nanogpt.device import autocast, resolve_device, resolve_dtype
 from nanogpt.errors import UserError, run_main
@@ -29,7 +36,9 @@ SEPARATOR = "---------------"
 
 @dataclass
 class SampleOptions:
-    init_from: str = option("resume", "'resume' (the checkpoint in out_dir), gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a HF folder")
+    init_from: str = option(
+        "resume", "'resume' (the checkpoint in out_dir), gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a HF folder"
+    )
     out_dir: str = option("out", "folder holding ckpt.pt (ignored unless init_from=resume)")
     start: str = option("\n", "the prompt; FILE:path reads it from a file")
     num_samples: int = option(10, "number of samples, generated together as one batch")
@@ -39,7 +48,9 @@ class SampleOptions:
     top_p: Optional[float] = option(None, "nucleus sampling: the smallest set of tokens with this total probability")
     seed: int = option(1337, "random seed")
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = option("auto", "auto (bfloat16 on recent GPUs, float16 on old ones, float32 elsewhere), float32, bfloat16, float16")
+    dtype: str = option(
+        "auto", "auto (bfloat16 on recent GPUs, float16 on old ones, float32 elsewhere), float32, bfloat16, float16"
+    )
     compile: bool = option(False, "torch.compile the model (pays off only for long generations)")
     use_cache: bool = option(True, "use the KV cache; False recomputes the whole context for each token (nanoGPT)")
 

@@ -18,9 +18,10 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,13 +87,24 @@ class TrainOptions:
     # system
     backend: str = option("auto", "DDP backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo")
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = option("auto", "auto (bfloat16 on recent GPUs, float16 on old ones, float32 elsewhere), float32, bfloat16, float16")
+    dtype: str = option(
+        "auto", "auto (bfloat16 on recent GPUs, float16 on old ones, float32 elsewhere), float32, bfloat16, float16"
+    )
     compile: bool = option(True, "torch.compile the model (PyTorch 2): slower start, faster steps")
     seed: int = option(1337, "random seed (each DDP rank adds its rank)")
 
     def __post_init__(self) -> None:
-        positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size",
-                    "block_size", "n_layer", "n_head", "n_embd")
+        positive = (
+            "eval_interval",
+            "log_interval",
+            "eval_iters",
+            "gradient_accumulation_steps",
+            "batch_size",
+            "block_size",
+            "n_layer",
+            "n_head",
+            "n_embd",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
@@ -202,7 +214,7 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(ValueError):  # not in the main thread: leave signals alone
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -230,8 +242,11 @@ def build_model(o: TrainOptions, explicit: set[str], meta: dict) -> tuple[GPT, d
     if o.init_from == "resume":
         path, ckpt = load_resume_checkpoint(o.out_dir)
         saved = ckpt["model_args"]
-        clash = [f"{k}: checkpoint {saved[k]!r}, requested {getattr(o, k)!r}"
-                 for k in MODEL_SHAPE_KEYS if k in explicit and saved.get(k) != getattr(o, k)]
+        clash = [
+            f"{k}: checkpoint {saved[k]!r}, requested {getattr(o, k)!r}"
+            for k in MODEL_SHAPE_KEYS
+            if k in explicit and saved.get(k) != getattr(o, k)
+        ]
         if clash:
             raise UserError(
                 f"cannot resume from {path}: its model has a different shape than requested ({'; '.join(clash)}). "
@@ -307,7 +322,9 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
     if ckpt is None and o.init_from == "scratch" and master:
         print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
     batches = TokenBatches(data_dir, block_size, vocab_size=model.config.vocab_size)
-    tokenizer_spec = ckpt["tokenizer"] if ckpt else (meta["tokenizer"] if o.init_from == "scratch" else {"kind": "gpt2"})
+    tokenizer_spec = (
+        ckpt["tokenizer"] if ckpt else (meta["tokenizer"] if o.init_from == "scratch" else {"kind": "gpt2"})
+    )
     model.to(device)
 
     # GradScaler only does something for float16 on CUDA, where small gradients would underflow
@@ -341,7 +358,9 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
         try:
             import wandb
         except ImportError:
-            raise UserError("--wandb_log=True needs the wandb package: pip install wandb (or 'nanogpt[wandb]').") from None
+            raise UserError(
+                "--wandb_log=True needs the wandb package: pip install wandb (or 'nanogpt[wandb]')."
+            ) from None
         wandb.init(project=o.wandb_project, name=o.wandb_run_name, config=asdict(o))
 
     out_dir = Path(o.out_dir)
@@ -371,8 +390,14 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
     peak = peak_flops(device, DTYPES[dtype]) if master else 1.0
     from tqdm import tqdm
 
-    bar = tqdm(total=o.max_iters, initial=iter_num, disable=None if (o.progress and master) else True,
-               unit="it", dynamic_ncols=True, leave=False)
+    bar = tqdm(
+        total=o.max_iters,
+        initial=iter_num,
+        disable=None if (o.progress and master) else True,
+        unit="it",
+        dynamic_ncols=True,
+        leave=False,
+    )
     log = bar.write if not bar.disable else print
     guard_nonfinite = not scaler.is_enabled()  # with float16, GradScaler skips steps with inf/NaN instead
     first_bad_iter = torch.full((), -1, dtype=torch.long, device=device)
@@ -402,11 +427,20 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
                     if master:
                         log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                         if wandb:
-                            wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"],
-                                       "lr": lr, "mfu": running_mfu * 100})
+                            wandb.log(
+                                {
+                                    "iter": iter_num,
+                                    "train/loss": losses["train"],
+                                    "val/loss": losses["val"],
+                                    "lr": lr,
+                                    "mfu": running_mfu * 100,
+                                }
+                            )
                     if not math.isfinite(losses["val"]):
-                        raise UserError(f"the validation loss is {losses['val']} at iteration {iter_num}; "
-                                        "the model has diverged. Lower --learning_rate.")
+                        raise UserError(
+                            f"the validation loss is {losses['val']} at iteration {iter_num}; "
+                            "the model has diverged. Lower --learning_rate."
+                        )
                     if losses["val"] < best_val_loss or o.always_save_checkpoint:
                         best_val_loss = min(best_val_loss, losses["val"])
                         if iter_num > 0 and master:
