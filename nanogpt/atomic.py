@@ -39,6 +39,14 @@ def atomic_open(path: str | os.PathLike) -> Iterator[BinaryIO]:
             os.close(dir_fd)
 
 
+def remove_stale_temp_files(path: str | os.PathLike) -> None:
+    """Delete the temporary files atomic_open(path) leaves behind when its process is killed mid-write."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -20,18 +20,17 @@ Files are written atomically (see atomic.py), so a crash never leaves a torn che
 
 from __future__ import annotations
 
-import pickle
 import sys
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from nanogpt.atomic import atomic_open
+from nanogpt.data import read_meta
 from nanogpt.errors import UserError
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.tokenizer import Tokenizer, tokenizer_from_spec
+from nanogpt.tokenizer import GPT2Tokenizer, Tokenizer, tokenizer_from_spec
 
 FORMAT_VERSION = 1
 CKPT_NAME = "ckpt.pt"  # saved at evaluations: the best val loss so far (or the latest, always_save_checkpoint)
@@ -42,9 +41,8 @@ def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     """Remove the `_orig_mod.` (torch.compile) and `module.` (DDP) prefixes from parameter names."""
     out = {}
     for k, v in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            while k.startswith(prefix):
-                k = k[len(prefix) :]
+        while k.startswith(("_orig_mod.", "module.")):  # in any order: DDP(compiled) saves module._orig_mod.
+            k = k.partition(".")[2]
         out[k] = v
     return out
 
@@ -55,7 +53,12 @@ def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:
     try:
         with atomic_open(path) as f:
             torch.save(ckpt, f)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write (disk full...) as a RuntimeError whose context is the OSError
+        if not isinstance(e, OSError):
+            e = e.__context__
+            if not isinstance(e, OSError):
+                raise
         raise UserError(
             f"could not write the checkpoint {path} ({e.strerror or e}); the previous checkpoint, if any, is "
             "unchanged. Free some disk space or choose a writable --out_dir."
@@ -65,22 +68,50 @@ def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:
 def _migrate(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
     """Bring an older checkpoint to FORMAT_VERSION, or explain why it cannot be used."""
     version = ckpt.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise UserError(f"{path} is damaged: its format_version is {version!r}, not a version number.")
     if version > FORMAT_VERSION:
         raise UserError(
             f"{path} was written by a newer nanogpt (checkpoint format {version}, this one reads up to "
             f"{FORMAT_VERSION}). Upgrade nanogpt to load it."
         )
+    if not isinstance(ckpt.get("model_args"), dict) or not isinstance(ckpt.get("model"), dict):
+        raise UserError(f"{path} is not a nanogpt checkpoint (it has no 'model_args'/'model' entries).")
     if version == 0:  # a checkpoint written by Karpathy's nanoGPT: same keys, no tokenizer stored
-        if "model_args" not in ckpt or "model" not in ckpt:
-            raise UserError(f"{path} is not a nanogpt checkpoint (it has no 'model_args'/'model' entries).")
         ckpt = dict(ckpt)
         ckpt["model_args"] = {k: v for k, v in ckpt["model_args"].items() if k in GPTConfig.__dataclass_fields__}
         ckpt["model"] = strip_prefixes(ckpt["model"])
-        # nanoGPT kept the character vocabulary in a pickled meta.pkl, which we do not unpickle; without it
-        # the model's tokens are GPT-2's, which is right for every nanoGPT dataset except shakespeare_char
-        ckpt.setdefault("tokenizer", {"kind": "gpt2"})
+        if "tokenizer" not in ckpt:
+            ckpt["tokenizer"] = _nanogpt_tokenizer(ckpt, path)
         ckpt["format_version"] = FORMAT_VERSION
     return ckpt
+
+
+def _nanogpt_tokenizer(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The tokenizer of a nanoGPT checkpoint. A model with GPT-2's vocabulary (50257, or 50304 padded) uses
+    GPT-2's tokens; a smaller one (shakespeare_char) had its characters in data/<dataset>/meta.pkl, which
+    we do not unpickle, so it needs the meta.json that `nanogpt prepare` writes for the same dataset."""
+    vocab_size = ckpt["model_args"].get("vocab_size", GPTConfig.vocab_size)
+    if not isinstance(vocab_size, int) or vocab_size >= GPT2Tokenizer.vocab_size:
+        return {"kind": "gpt2"}
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    dataset = str(config.get("dataset") or "<dataset>")
+    data_dir = Path(config.get("data_dir") or Path("data") / dataset)
+    meta_path = data_dir / "meta.json"
+    if not meta_path.is_file():
+        raise UserError(
+            f"{path} is a nanoGPT checkpoint with a {vocab_size}-token vocabulary (not GPT-2's) and {meta_path}, "
+            f"which would hold that vocabulary, is missing. nanoGPT kept it in a pickled meta.pkl, which nanogpt "
+            f"does not unpickle: run 'nanogpt prepare {dataset}' on the same text (from this folder) to write "
+            f"{meta_path}, then try again."
+        )
+    meta = read_meta(data_dir)
+    if meta["vocab_size"] != vocab_size:
+        raise UserError(
+            f"{meta_path} describes a {meta['vocab_size']}-token vocabulary but the model in {path} has "
+            f"{vocab_size} tokens; prepare the dataset the model was trained on."
+        )
+    return meta["tokenizer"]
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -93,7 +124,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError, ValueError) as e:
+    except Exception as e:  # a damaged file can make the unpickler raise almost anything (IndexError, KeyError...)
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(
             f"the checkpoint {path} is damaged or not a PyTorch checkpoint ({first}). Restore it from a backup "
@@ -110,7 +141,11 @@ def model_from_checkpoint(ckpt: dict[str, Any], dropout: float | None = None) ->
     args = dict(ckpt["model_args"])
     if dropout is not None:
         args["dropout"] = dropout
-    model = GPT(GPTConfig(**args))
+    try:
+        config = GPTConfig(**args)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"the checkpoint's model_args are damaged ({e}).") from None
+    model = GPT(config)
     state = strip_prefixes(ckpt["model"])
     try:
         model.load_state_dict(state)

@@ -59,14 +59,17 @@ def _eval_node(node: ast.AST, names: dict[str, Any], where: str) -> Any:
         left, right = _eval_node(node.left, names, where), _eval_node(node.right, names, where)
         if isinstance(node.op, ast.Pow) and isinstance(right, (int, float)) and abs(right) > 64:
             raise UserError(f"{where}: exponent {right} is too large for a config value.")
+        if isinstance(node.op, ast.Pow) and isinstance(left, int) and isinstance(right, int):
+            if left.bit_length() * abs(right) > 4096:  # 10**64 is fine, (10**64)**64**... would never finish
+                raise UserError(f"{where}: the power is too large for a config value.")
         if isinstance(left, str) != isinstance(right, str) and not isinstance(node.op, ast.Mult):
             raise UserError(f"{where}: cannot combine {type(left).__name__} and {type(right).__name__}.")
         if isinstance(node.op, ast.Mult) and (isinstance(left, str) or isinstance(right, str)):
             raise UserError(f"{where}: repeating strings with '*' is not supported in config files.")
         try:
             return _BINOPS[type(node.op)](left, right)
-        except (ArithmeticError, TypeError, ValueError) as e:
-            raise UserError(f"{where}: cannot evaluate the expression ({e}).") from None
+        except (ArithmeticError, TypeError, ValueError, MemoryError) as e:
+            raise UserError(f"{where}: cannot evaluate the expression ({str(e) or type(e).__name__}).") from None
     if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARYOPS:
         value = _eval_node(node.operand, names, where)
         try:
@@ -86,9 +89,12 @@ def parse_config_text(text: str, filename: str = "<config>") -> dict[str, Any]:
     try:
         tree = ast.parse(text, filename=filename)
     except SyntaxError as e:
-        raise UserError(f"{filename}, line {e.lineno}: not valid Python assignment syntax ({e.msg}).") from None
+        line = f", line {e.lineno}" if e.lineno else ""  # None for e.g. null bytes
+        raise UserError(f"{filename}{line}: not valid Python assignment syntax ({e.msg}).") from None
     except ValueError as e:  # e.g. null bytes
         raise UserError(f"{filename}: cannot be parsed as a config file ({e}).") from None
+    except (RecursionError, MemoryError):
+        raise UserError(f"{filename}: an expression is too deeply nested to be a config value.") from None
     names: dict[str, Any] = {}
     for stmt in tree.body:
         where = f"{filename}, line {stmt.lineno}"
@@ -100,7 +106,10 @@ def parse_config_text(text: str, filename: str = "<config>") -> dict[str, Any]:
                 f"{where}: only simple assignments like 'n_layer = 6' are allowed in config files, found {what}. "
                 "Config files are parsed, never executed."
             )
-        names[stmt.targets[0].id] = _eval_node(stmt.value, names, where)
+        try:
+            names[stmt.targets[0].id] = _eval_node(stmt.value, names, where)
+        except (RecursionError, MemoryError):
+            raise UserError(f"{where}: the expression is too deeply nested or too large for a config value.") from None
     return names
 
 

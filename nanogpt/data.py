@@ -31,6 +31,17 @@ def read_meta(data_dir: Path) -> dict:
         raise UserError(f"{path} is damaged ({e}). Run the dataset's prepare.py again.") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size"), int) or "tokenizer" not in meta:
         raise UserError(f"{path} is missing 'vocab_size' or 'tokenizer'. Run the dataset's prepare.py again.")
+    spec = meta["tokenizer"]
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    chars = spec.get("chars") if kind == "char" else None
+    valid = kind == "gpt2" or (
+        isinstance(chars, list) and len(chars) == meta["vocab_size"] and len(set(map(str, chars))) == len(chars)
+    )
+    if not valid:
+        raise UserError(
+            f"{path} is damaged: its 'tokenizer' entry does not describe a {meta['vocab_size']}-token vocabulary. "
+            "Run the dataset's prepare.py again."
+        )
     return meta
 
 

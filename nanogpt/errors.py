@@ -21,7 +21,7 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
     try:
         main(argv)
     except UserError as e:
-        print(textwrap.fill(f"error: {e}", width=100, break_long_words=False), file=sys.stderr)
+        print(textwrap.fill(f"error: {e}", width=100, break_long_words=False, break_on_hyphens=False), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -31,8 +31,9 @@ GPU_PEAK_FLOPS = {
 @functools.cache
 def measured_matmul_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
     """Best FLOP/s of a few n x n matmuls: the practical peak of this device for this dtype."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(0)  # not the global one: training's random stream stays put
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     best = float("inf")
     for _ in range(5):
         if device.startswith("cuda"):

@@ -99,13 +99,22 @@ def write_tokens(path: Path, ids: Sequence[int]) -> None:
         f.write(np.asarray(ids, dtype=BIN_DTYPE).tobytes())
 
 
+def make_data_dir(data_dir: Path) -> None:
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"cannot create the data folder {data_dir} ({e.strerror or e}). Choose another --data_dir."
+        ) from None
+
+
 def find_input(opts: PrepareOptions, data_dir: Path) -> Path:
     if opts.input:
         return Path(opts.input)
     local = data_dir / "input.txt"
     if local.exists() or opts.dataset not in KNOWN_TOKENIZERS:
         return local
-    data_dir.mkdir(parents=True, exist_ok=True)
+    make_data_dir(data_dir)
     download(SHAKESPEARE_URL, local, SHAKESPEARE_SHA256, opts.download_timeout)
     return local
 
@@ -135,11 +144,9 @@ def prepare(opts: PrepareOptions) -> dict:
         raise UserError(f"the text is too short to split ({len(text)} characters); use a longer text.")
     print(f"train has {len(train_ids):,} tokens")
     print(f"val has {len(val_ids):,} tokens")
-    data_dir.mkdir(parents=True, exist_ok=True)
+    make_data_dir(data_dir)
     if not shutil.disk_usage(data_dir).free > 2 * (len(train_ids) + len(val_ids)) + (1 << 20):
         raise UserError(f"not enough free disk space in {data_dir} for the token files.")
-    write_tokens(data_dir / "train.bin", train_ids)
-    write_tokens(data_dir / "val.bin", val_ids)
     meta = {
         "vocab_size": tok.vocab_size,
         "tokenizer": tok.spec(),
@@ -147,7 +154,12 @@ def prepare(opts: PrepareOptions) -> dict:
         "train_tokens": len(train_ids),
         "val_tokens": len(val_ids),
     }
-    atomic_write_bytes(data_dir / "meta.json", json.dumps(meta, ensure_ascii=False, indent=1).encode("utf-8"))
+    try:
+        write_tokens(data_dir / "train.bin", train_ids)
+        write_tokens(data_dir / "val.bin", val_ids)
+        atomic_write_bytes(data_dir / "meta.json", json.dumps(meta, ensure_ascii=False, indent=1).encode("utf-8"))
+    except OSError as e:
+        raise UserError(f"could not write the dataset files in {data_dir} ({e.strerror or e}).") from None
     print(f"wrote {data_dir / 'train.bin'}, {data_dir / 'val.bin'} and {data_dir / 'meta.json'}")
     return meta
 

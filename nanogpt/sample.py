@@ -29,7 +29,7 @@ from nanogpt.checkpoint import (
 from nanogpt.config import option, parse_args
 from nanogpt.device import autocast, resolve_device, resolve_dtype
 from nanogpt.errors import UserError, run_main
-from nanogpt.tokenizer import GPT2_EOT, GPT2Tokenizer, Tokenizer
+from nanogpt.tokenizer import GPT2_EOT, GPT2Tokenizer, Tokenizer, tokenizer_from_spec
 
 SEPARATOR = "---------------"
 
@@ -87,10 +87,18 @@ def load_model(o: SampleOptions):
         if not path.exists() and (out_dir / INTERRUPT_NAME).exists():
             path = out_dir / INTERRUPT_NAME
         ckpt = load_checkpoint(path)
-        return model_from_checkpoint(ckpt), tokenizer_from_checkpoint(ckpt)
-    from nanogpt.hf import load_pretrained_gpt2
+        model, tok, source = model_from_checkpoint(ckpt), tokenizer_from_checkpoint(ckpt), str(path)
+    else:
+        from nanogpt.hf import load_pretrained_gpt2, tokenizer_spec_for
 
-    return load_pretrained_gpt2(o.init_from), GPT2Tokenizer()
+        model, tok = load_pretrained_gpt2(o.init_from), tokenizer_from_spec(tokenizer_spec_for(o.init_from))
+        source = o.init_from
+    if tok.vocab_size > model.config.vocab_size:
+        raise UserError(
+            f"{source} is damaged: its tokenizer has {tok.vocab_size} tokens but its model only "
+            f"{model.config.vocab_size}."
+        )
+    return model, tok
 
 
 def encode_prompt(tok: Tokenizer, text: str) -> list[int]:

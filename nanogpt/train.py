@@ -15,6 +15,7 @@ import contextlib
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from nanogpt.atomic import remove_stale_temp_files
 from nanogpt.checkpoint import (
     CKPT_NAME,
     INTERRUPT_NAME,
@@ -227,7 +229,7 @@ class StopRequest:
 
 def resume_command(argv: Sequence[str]) -> str:
     args = [a for a in argv if not a.startswith("--init_from=")]
-    return " ".join(["python train.py", *args, "--init_from=resume"])
+    return shlex.join(["python", "train.py", *args, "--init_from=resume"])
 
 
 # ----------------------------------------------------------------------------- the run
@@ -322,23 +324,28 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
     if ckpt is None and o.init_from == "scratch" and master:
         print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
     batches = TokenBatches(data_dir, block_size, vocab_size=model.config.vocab_size)
-    tokenizer_spec = (
-        ckpt["tokenizer"] if ckpt else (meta["tokenizer"] if o.init_from == "scratch" else {"kind": "gpt2"})
-    )
+    if ckpt is not None:
+        tokenizer_spec = ckpt["tokenizer"]
+    elif o.init_from == "scratch":
+        tokenizer_spec = meta["tokenizer"]
+    else:
+        from nanogpt.hf import tokenizer_spec_for
+
+        tokenizer_spec = tokenizer_spec_for(o.init_from)
     model.to(device)
 
     # GradScaler only does something for float16 on CUDA, where small gradients would underflow
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16" and device_type == "cuda"))
     optimizer = model.configure_optimizer(o.weight_decay, o.learning_rate, (o.beta1, o.beta2), device_type)
-    iter_num, best_val_loss, skip_eval_at = 0, 1e9, None
+    iter_num, best_val_loss, skip_eval_at, saved_rng = 0, 1e9, None, None
     if ckpt is not None:
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         if "optimizer" in ckpt:
             optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        if "rng" in ckpt and world == 1:
-            set_rng_state(ckpt["rng"], data_gen)
+        if world == 1:  # restored just before the loop, after everything else that might draw random numbers
+            saved_rng = ckpt.get("rng")
         # a checkpoint saved at an evaluation already did the evaluation at its iteration
         skip_eval_at = iter_num if ckpt.get("reason") == "eval" else None
         ckpt = None  # free the memory
@@ -371,6 +378,8 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
             raise UserError(f"cannot create --out_dir={out_dir} ({e.strerror}). Choose a writable folder.") from None
         if not os.access(out_dir, os.W_OK):
             raise UserError(f"--out_dir={out_dir} is not writable. Choose a folder you can write to.")
+        for name in (CKPT_NAME, INTERRUPT_NAME):
+            remove_stale_temp_files(out_dir / name)  # left by a run killed while saving
 
     def checkpoint(reason: str) -> dict[str, Any]:
         return {
@@ -404,15 +413,21 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
     t0 = time.time()
     local_iter, running_mfu = 0, -1.0
 
+    causes = (
+        "Usual causes: a learning rate too high (try --learning_rate 3x lower, or a longer --warmup_iters) "
+        "or float16 without loss scaling (use --dtype=bfloat16 or float32)."
+    )
+
     def check_finite() -> None:
         bad = int(first_bad_iter.item())
         if bad >= 0:
             raise UserError(
                 f"the training loss became NaN or infinite at iteration {bad}; training stopped and no checkpoint "
-                "was written after it. Usual causes: a learning rate too high (try --learning_rate 3x lower, or a "
-                "longer --warmup_iters) or float16 without loss scaling (use --dtype=bfloat16 or float32)."
+                f"was written after it. {causes}"
             )
 
+    if saved_rng is not None:
+        set_rng_state(saved_rng, data_gen)  # so the run continues exactly as if it had never stopped
     with StopRequest() as stop:
         try:
             while True:
@@ -436,10 +451,11 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
                                     "mfu": running_mfu * 100,
                                 }
                             )
-                    if not math.isfinite(losses["val"]):
+                    if not all(map(math.isfinite, losses.values())):
                         raise UserError(
-                            f"the validation loss is {losses['val']} at iteration {iter_num}; "
-                            "the model has diverged. Lower --learning_rate."
+                            f"the evaluated loss is NaN or infinite at iteration {iter_num} (train {losses['train']}, "
+                            f"val {losses['val']}): the model has diverged. Training stopped and no checkpoint was "
+                            f"written. {causes}"
                         )
                     if losses["val"] < best_val_loss or o.always_save_checkpoint:
                         best_val_loss = min(best_val_loss, losses["val"])
@@ -499,6 +515,8 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
                             file=sys.stderr,
                         )
                     raise SystemExit(130 if stop.signal_name == "SIGINT" else 143)
+            if guard_nonfinite:
+                check_finite()  # the last iterations may not have been logged
         except torch.OutOfMemoryError:
             raise UserError(
                 "the GPU ran out of memory. Ways down: a smaller --batch_size with more --gradient_accumulation_steps "

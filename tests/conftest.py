@@ -1,0 +1,220 @@
+"""Shared fixtures: corpora, a prepared character dataset, a tiny trained checkpoint, subprocess runs."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared/data/shakespeare_char/input.txt"
+
+# The test machine has 2 cores that other jobs may share. With one intra-op thread per process,
+# small models run fast and predictably; with several, OpenMP threads spin against each other.
+torch.set_num_threads(1)
+
+
+def make_text(n_chars: int = 6000, seed: int = 0) -> str:
+    """Deterministic pseudo-English: words from a small vocabulary, punctuation and line breaks."""
+    rng = random.Random(seed)
+    words = "the king and queen of a far land spoke to their loyal people about wine bread and war".split()
+    names = ["ROMEO", "JULIET", "KING", "NURSE"]
+    out: list[str] = []
+    size = 0
+    while size < n_chars:
+        line = f"{rng.choice(names)}:\n" + " ".join(rng.choice(words) for _ in range(rng.randint(4, 12)))
+        line += rng.choice([".", "!", "?", ";", ","]) + "\n\n"
+        out.append(line)
+        size += len(line)
+    return "".join(out)[:n_chars]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def shakespeare_text() -> str:
+    """Tiny Shakespeare from the shared data folder beside the repository; skipped when absent."""
+    if not SHAKESPEARE.is_file():
+        pytest.skip(f"tiny Shakespeare not found at {SHAKESPEARE}")
+    return SHAKESPEARE.read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def training_text() -> str:
+    """Tiny Shakespeare when it is available, else ~1 MB of generated text, so end-to-end tests always run."""
+    if SHAKESPEARE.is_file():
+        return SHAKESPEARE.read_text(encoding="utf-8")
+    return make_text(1_000_000)
+
+
+@pytest.fixture
+def shakespeare_path(shakespeare_text: str) -> Path:
+    return SHAKESPEARE
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path: Path) -> Path:
+    """A few KB of generated text in tmp_path/corpus.txt."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(make_text(), encoding="utf-8")
+    return path
+
+
+def _prepare(input_path: Path, data_dir: Path, *extra: str) -> Path:
+    from nanogpt.prepare import main as prepare_main
+
+    prepare_main(["--dataset=tiny", "--tokenizer=char", f"--input={input_path}", f"--data_dir={data_dir}", *extra])
+    return data_dir
+
+
+@pytest.fixture
+def prepare_char_dataset(tmp_path: Path, capsys) -> Callable[..., Path]:
+    """prepare(text_or_path=None, data_dir=None) -> data_dir holding train.bin, val.bin and meta.json.
+
+    Runs `nanogpt.prepare.main` in-process on a string (written to a file), a path, or, by default, a
+    generated corpus; the data folder defaults to tmp_path/data/tiny.
+    """
+
+    def prepare(text: str | Path | None = None, data_dir: Path | None = None, *extra: str) -> Path:
+        data_dir = data_dir or tmp_path / "data" / "tiny"
+        if isinstance(text, Path):
+            input_path = text
+        else:
+            input_path = tmp_path / "prepare_input.txt"
+            input_path.write_text(make_text() if text is None else text, encoding="utf-8")
+        _prepare(input_path, data_dir, *extra)
+        capsys.readouterr()  # keep prepare's report out of the caller's captured output
+        return data_dir
+
+    return prepare
+
+
+# A model small enough to train a few steps in about a second on one CPU core.
+TINY_MODEL_ARGS = (
+    "--device=cpu",
+    "--compile=False",
+    "--n_layer=1",
+    "--n_head=2",
+    "--n_embd=32",
+    "--block_size=32",
+    "--batch_size=4",
+    "--gradient_accumulation_steps=1",
+    "--dropout=0.0",
+    "--eval_iters=2",
+    "--log_interval=1",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_args() -> tuple[str, ...]:
+    return TINY_MODEL_ARGS
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """out_dir of a tiny char-level model trained in-process for a few steps (holds ckpt.pt)."""
+    from nanogpt.train import main as train_main
+
+    root = tmp_path_factory.mktemp("tiny_ckpt")
+    corpus = root / "corpus.txt"
+    corpus.write_text(make_text(), encoding="utf-8")
+    data_dir = _prepare(corpus, root / "data")
+    out_dir = root / "out"
+    train_main(
+        [
+            *TINY_MODEL_ARGS,
+            f"--data_dir={data_dir}",
+            f"--out_dir={out_dir}",
+            "--max_iters=4",
+            "--eval_interval=2",
+            "--warmup_iters=0",
+        ]
+    )
+    assert (out_dir / "ckpt.pt").is_file()
+    return out_dir
+
+
+def _script_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("OMP_NUM_THREADS", "1")  # see torch.set_num_threads above
+    env.pop("RANK", None)  # never look like a torchrun worker by accident
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def script_env() -> dict[str, str]:
+    """The environment run_script uses (repository on PYTHONPATH), for tests that need subprocess.Popen."""
+    return _script_env()
+
+
+@pytest.fixture
+def run_script(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """run_script(*args, cwd=tmp_path, timeout=120, env=None) runs `python *args` and captures its output.
+
+    The repository root is on PYTHONPATH and the working directory is a temporary folder, so scripts
+    that write relative paths (data/<dataset>, out_dir) never touch the repository.
+    """
+
+    def run(
+        *args: str | os.PathLike,
+        cwd: Path | None = None,
+        timeout: float = 120,
+        env: dict[str, str] | None = None,
+        input: str | None = None,
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, *map(str, args)],
+            cwd=cwd or tmp_path,
+            env=_script_env(**(env or {})),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+        )
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def assert_user_error() -> Callable[..., None]:
+    """assert_user_error(proc, *fragments): exit status 2, an `error:` message holding each fragment
+    (whitespace-normalised, as the message is wrapped), and no traceback."""
+
+    def check(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+        assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith("error: "), proc.stderr
+        message = " ".join(proc.stderr.split())
+        for fragment in fragments:
+            assert fragment in message, f"{fragment!r} not in {message!r}"
+
+    return check
+
+
+@pytest.fixture
+def run_in_process(capsys) -> Callable[..., tuple[int, str, str]]:
+    """run_in_process(main, argv) -> (exit status, stdout, stderr) of `run_main(main, argv)`, in this process."""
+    from nanogpt.errors import run_main
+
+    def run(main: Callable, argv: list[str]) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            run_main(main, argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -1,0 +1,255 @@
+"""Helpers for test_resume.py and test_bad_inputs.py: tiny datasets, and entry points run in child processes.
+
+A fresh interpreter spends ~2 s importing torch, too slow for dozens of kills and error cases on a
+2-core machine. `start`/`run` therefore fork this (torch-importing) test process instead: the child
+is a real, separate process that changes directory, sends its stdout/stderr to files, calls
+`run_main(main, argv)` exactly as train.py / sample.py do, prints a traceback for any other
+exception (as the interpreter would) and exits with the real status; the parent can SIGKILL it.
+The tests also run each script once as a genuine `python train.py ...` subprocess.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "the king and queen of a far land spoke to their loyal people about wine bread and war".split()
+
+# n_layer=1, n_embd=16, block_size=8: a training step takes a few milliseconds on one core
+TINY = (
+    "--device=cpu",
+    "--compile=False",
+    "--n_layer=1",
+    "--n_head=2",
+    "--n_embd=16",
+    "--block_size=8",
+    "--batch_size=2",
+    "--gradient_accumulation_steps=1",
+    "--eval_iters=1",
+    "--log_interval=1",
+    "--warmup_iters=2",
+    "--lr_decay_iters=100",
+    "--learning_rate=1e-2",
+)
+
+if not hasattr(os, "fork"):  # pragma: no cover - Windows
+    pytest.skip("these tests fork child processes", allow_module_level=True)
+
+
+def make_text(n_words: int = 1500, seed: int = 0) -> str:
+    import random
+
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n_words // 8):
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(8)) + rng.choice(".,;!?"))
+    return "\n".join(lines) + "\n"
+
+
+def make_dataset(folder: Path, text: str | None = None) -> Path:
+    """A prepared character-level dataset (train.bin, val.bin, meta.json) in `folder`; returns it."""
+    from nanogpt.prepare import PrepareOptions, prepare
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "input.txt").write_text(make_text() if text is None else text, encoding="utf-8")
+    prepare(PrepareOptions(dataset="tiny", data_dir=str(folder), tokenizer="char"))
+    return folder
+
+
+@dataclass
+class Result:
+    returncode: int  # negative: killed by that signal
+    stdout: str
+    stderr: str
+
+
+def _child(main: Callable, argv: Sequence[str], cwd: Path, out: Path, err: Path, setup: Callable | None) -> None:
+    code = 1
+    try:
+        os.chdir(cwd)
+        for fd, path in ((1, out), (2, err)):
+            f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(f, fd)
+            os.close(f)
+        sys.stdout = open(1, "w", buffering=1, encoding="utf-8", closefd=False)
+        sys.stderr = open(2, "w", buffering=1, encoding="utf-8", closefd=False)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # what a fresh interpreter has
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        import torch
+
+        torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 does for the real scripts (see script_env)
+        sys.argv = ["nanogpt", *argv]
+        if setup is not None:
+            setup()
+        from nanogpt.errors import run_main
+
+        run_main(main, list(argv))
+        code = 0
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        with _suppress():
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+class _suppress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return True
+
+
+@dataclass
+class Child:
+    pid: int
+    out: Path
+    err: Path
+    status: int | None = None
+
+    def poll(self) -> int | None:
+        if self.status is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.status = os.waitstatus_to_exitcode(status)
+        return self.status
+
+    def wait(self, timeout: float = 60) -> Result:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"child {self.pid} ran longer than {timeout}s:\n{self.out.read_text()}")
+            time.sleep(0.005)
+        return Result(self.status, self.out.read_text(encoding="utf-8"), self.err.read_text(encoding="utf-8"))
+
+    def signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> Result:
+        self.signal(signal.SIGKILL)
+        return self.wait()
+
+
+_logs: list[Path] = []
+
+
+def _log_dir() -> Path:
+    if not _logs:
+        _logs.append(Path(tempfile.mkdtemp(prefix="nanogpt-forkrun-")))
+        atexit.register(shutil.rmtree, _logs[0], True)
+    return _logs[0]
+
+
+def _warm_up() -> None:
+    """Pay once, here, for what every training run does lazily at start-up, so forked children start in
+    milliseconds: creating an optimizer imports torch._dynamo (2-5 s), and MFU measures the CPU's matmul
+    peak (0.2 s)."""
+    import torch
+
+    from nanogpt.mfu import measured_matmul_flops
+
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    measured_matmul_flops("cpu", torch.float32)
+    _warm.append(True)
+
+
+_warm: list[bool] = []
+
+
+def start(main: Callable, argv: Sequence[str], cwd: Path, setup: Callable | None = None) -> Child:
+    """Fork a child that runs run_main(main, argv) in cwd, its stdout and stderr going to files.
+
+    `setup`, if given, runs in the child first (e.g. to monkeypatch something there only)."""
+    if not _warm:
+        _warm_up()
+    fd, name = tempfile.mkstemp(dir=_log_dir())
+    os.close(fd)
+    out, err = Path(name + ".out"), Path(name + ".err")
+    out.touch()
+    err.touch()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child
+        _child(main, argv, Path(cwd), out, err, setup)
+    return Child(pid, out, err)
+
+
+def run(main: Callable, argv: Sequence[str], cwd: Path, setup: Callable | None = None, timeout: float = 60) -> Result:
+    return start(main, argv, cwd, setup).wait(timeout)
+
+
+def train_main():
+    from nanogpt.train import main
+
+    return main
+
+
+def sample_main():
+    from nanogpt.sample import main
+
+    return main
+
+
+def prepare_main():
+    from nanogpt.prepare import main
+
+    return main
+
+
+def script_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("RANK", None)
+    return env
+
+
+def popen_script(script: str, *args: str, cwd: Path) -> subprocess.Popen:
+    """A genuine `python <repo>/<script> args...` subprocess (a fresh interpreter), text output piped."""
+    cmd = [sys.executable, str(REPO / script), *args]
+    return subprocess.Popen(cmd, cwd=cwd, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_script(script: str, *args: str, cwd: Path, timeout: float = 120) -> Result:
+    proc = popen_script(script, *args, cwd=cwd)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        raise AssertionError(f"{script} {args} ran longer than {timeout}s:\n{out}\n{err}") from None
+    return Result(proc.returncode, out, err)
+
+
+def assert_user_error(result: Result, *fragments: str) -> None:
+    """Exit status 2, stderr starting with `error:` and holding each fragment, and no traceback."""
+    detail = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 2, detail
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout, detail
+    assert result.stderr.startswith("error: "), detail
+    message = " ".join(result.stderr.split())
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"

@@ -1,0 +1,329 @@
+"""nanogpt.model: shapes, causality, initialisation, learning, KV-cache generation and sampling filters."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from nanogpt.model import GPT, GPTConfig, KVCache, sample_next
+
+
+def tiny_config(**overrides) -> GPTConfig:
+    args = dict(block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=True)
+    args.update(overrides)
+    return GPTConfig(**args)
+
+
+def tiny_model(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(tiny_config(**overrides)).eval()
+
+
+def sharp_model(seed: int = 0, **overrides) -> GPT:
+    """A model with large random weights: attention patterns and next-token distributions are far from
+    uniform, so a mistake in what a position attends to changes the generated tokens (a freshly
+    initialised GPT is nearly position-blind and would hide it)."""
+    model = tiny_model(seed, **overrides)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
+def random_ids(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def test_forward_shapes_with_and_without_targets():
+    model = tiny_model()
+    idx = random_ids(3, 10, 32)
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 10, 32)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    logits_last, no_loss = model(idx)
+    assert logits_last.shape == (3, 1, 32)
+    assert no_loss is None
+    # the last-position shortcut computes the same numbers as the full forward pass
+    torch.testing.assert_close(logits_last[:, 0], logits[:, -1])
+
+
+def test_forward_rejects_sequences_longer_than_block_size():
+    model = tiny_model()
+    model(random_ids(1, 16, 32))  # exactly block_size is fine
+    with pytest.raises(ValueError, match="block_size"):
+        model(random_ids(1, 17, 32))
+
+
+@pytest.mark.parametrize("t", [0, 5, 15])
+def test_causality_future_tokens_do_not_change_past_logits(t):
+    model = sharp_model(seed=1)
+    idx = random_ids(2, 16, 32, seed=1)
+    changed = idx.clone()
+    changed[:, t] = (changed[:, t] + 7) % 32
+    logits_a, _ = model(idx, idx)  # passing targets returns the logits at every position
+    logits_b, _ = model(changed, changed)
+    torch.testing.assert_close(logits_a[:, :t], logits_b[:, :t], rtol=0, atol=1e-6)
+    # and the change does reach position t itself, so the comparison above is not vacuous
+    assert (logits_a[:, t] - logits_b[:, t]).abs().max() > 1e-4
+
+
+def test_loss_ignores_targets_of_minus_one():
+    model = tiny_model()
+    idx = random_ids(2, 8, 32)
+    targets = idx.clone()
+    targets[:, 4:] = -1
+    _, loss_masked = model(idx, targets)
+    logits, _ = model(idx, idx)
+    expected = torch.nn.functional.cross_entropy(logits[:, :4].reshape(-1, 32), idx[:, :4].reshape(-1))
+    torch.testing.assert_close(loss_masked, expected)
+
+
+def test_initial_loss_is_close_to_uniform_guess():
+    vocab = 65
+    model = tiny_model(vocab_size=vocab, n_embd=64, n_head=4)
+    idx = random_ids(8, 16, vocab, seed=2)
+    targets = random_ids(8, 16, vocab, seed=3)
+    with torch.no_grad():
+        _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(vocab)) < 0.1
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = GPT(tiny_config(n_layer=2, n_embd=64, n_head=4))
+    model.train()
+    x = random_ids(4, 16, 32, seed=4)
+    y = random_ids(4, 16, 32, seed=5)  # arbitrary targets: only memorisation gets the loss down
+    opt = model.configure_optimizer(weight_decay=0.0, learning_rate=3e-3, betas=(0.9, 0.99), device_type="cpu")
+    start, first_loss, loss = time.time(), None, None
+    for _ in range(400):
+        _, loss = model(x, y)
+        first_loss = first_loss if first_loss is not None else loss.item()
+        if loss.item() < 0.05:
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert first_loss > 3.0
+    assert loss.item() < 0.1, f"loss {loss.item():.3f} after {time.time() - start:.1f}s"
+
+
+# ----------------------------------------------------------------------------- structure
+
+
+def test_weight_tying_shares_one_tensor():
+    model = tiny_model()
+    assert model.transformer.wte.weight is model.lm_head.weight
+    # a training step moves both together, as they are one parameter
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    idx = random_ids(2, 8, 32)
+    _, loss = model.train()(idx, idx)
+    loss.backward()
+    opt.step()
+    assert model.transformer.wte.weight.data_ptr() == model.lm_head.weight.data_ptr()
+    # the tied tensor is counted once among the parameters
+    assert sum(p is model.lm_head.weight for p in model.parameters()) == 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(n_embd=30, n_head=4), dict(n_embd=32, n_head=3), dict(n_head=0), dict(block_size=0), dict(dropout=1.0)],
+)
+def test_config_rejects_invalid_shapes(bad):
+    with pytest.raises(ValueError):
+        tiny_config(**bad)
+
+
+def test_config_error_names_both_values():
+    with pytest.raises(ValueError, match=r"n_embd \(30\).*n_head \(4\)"):
+        GPTConfig(n_embd=30, n_head=4)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_parameter_count_matches_hand_formula(bias):
+    V, T, L, C = 50, 24, 3, 48
+    model = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=4, n_embd=C, bias=bias))
+    b = 1 if bias else 0
+    ln = 2 * C if bias else C  # LayerNorm gain (+ bias)
+    attn = C * 3 * C + b * 3 * C + C * C + b * C
+    mlp = C * 4 * C + b * 4 * C + 4 * C * C + b * C
+    per_block = 2 * ln + attn + mlp
+    total = V * C + T * C + L * per_block + ln  # lm_head is tied to wte: counted once
+    assert model.get_num_params(non_embedding=False) == total
+    assert model.get_num_params() == total - T * C  # position embeddings excluded by default
+
+
+def test_configure_optimizer_decays_only_matrices():
+    model = tiny_model()
+    opt = model.configure_optimizer(weight_decay=0.1, learning_rate=1e-3, betas=(0.9, 0.95), device_type="cpu")
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"])
+    assert all(p.dim() < 2 for p in no_decay["params"])
+    grouped = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert grouped == {id(p) for p in model.parameters()}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_crop_block_size():
+    model = tiny_model()
+    idx = random_ids(2, 10, 32)
+    before, _ = model(idx, idx)
+    wpe_before = model.transformer.wpe.weight.detach().clone()
+    model.crop_block_size(12)
+    assert model.config.block_size == 12
+    assert model.transformer.wpe.weight.shape == (12, 32)
+    torch.testing.assert_close(model.transformer.wpe.weight.detach(), wpe_before[:12])
+    after, _ = model(idx, idx)
+    torch.testing.assert_close(after, before)  # the first positions keep their embeddings
+    with pytest.raises(ValueError):
+        model(random_ids(1, 13, 32))
+    assert model.generate(random_ids(1, 4, 32), 20).shape == (1, 24)  # generation respects the new window
+    for bad in (0, 13):
+        with pytest.raises(ValueError):
+            model.crop_block_size(bad)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+def test_cached_forward_in_chunks_equals_full_forward():
+    """Prefill, then a multi-token chunk (the masked branch), then single tokens: same logits as no cache."""
+    model = sharp_model(seed=3)
+    idx = random_ids(2, 14, 32, seed=6)
+    full, _ = model(idx, idx)
+    cache = KVCache(model.config, 2, torch.device("cpu"), torch.float32)
+    pieces = [(0, 5), (5, 9), (9, 10), (10, 14)]
+    for a, b in pieces:
+        logits, _ = model(idx[:, a:b], cache=cache)
+        assert cache.length == b
+        torch.testing.assert_close(logits[:, -1], full[:, b - 1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, 16])
+@pytest.mark.parametrize("sampling", ["greedy", "sampled", "top_k_top_p"])
+def test_cached_generation_equals_full_recomputation(prompt_len, sampling):
+    model = sharp_model(seed=prompt_len)
+    block = model.config.block_size
+    new_tokens = block - prompt_len + 1  # the last one is sampled from a context of exactly block_size tokens
+    prompt = random_ids(1, prompt_len, 32, seed=prompt_len)
+    kwargs = {
+        "greedy": dict(temperature=0.0),
+        "sampled": dict(temperature=1.0),
+        "top_k_top_p": dict(temperature=0.9, top_k=10, top_p=0.9),
+    }[sampling]
+    outs = []
+    for use_cache in (True, False):
+        gen = torch.Generator().manual_seed(1234)
+        outs.append(model.generate(prompt, new_tokens, use_cache=use_cache, generator=gen, **kwargs))
+    cached, recomputed = outs
+    assert cached.shape == (1, prompt_len + new_tokens)
+    assert torch.equal(cached[:, :prompt_len], prompt)
+    assert torch.equal(cached, recomputed)
+
+
+def test_sampled_generation_depends_on_the_generator_seed():
+    model = sharp_model(seed=7)
+    prompt = random_ids(1, 3, 32)
+    a = model.generate(prompt, 12, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    b = model.generate(prompt, 12, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    c = model.generate(prompt, 12, temperature=1.0, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_past_block_size(use_cache):
+    model = sharp_model(seed=4)
+    block = model.config.block_size
+    prompt = random_ids(2, 5, 32)
+    steps = list(model.generate_stream(prompt, 3 * block, temperature=1.0, use_cache=use_cache))
+    assert len(steps) == 3 * block
+    assert all(s.shape == (2, 1) for s in steps)
+    out = torch.cat([prompt, *steps], dim=1)
+    assert out.shape == (2, 5 + 3 * block)
+    assert int(out.min()) >= 0 and int(out.max()) < 32
+
+
+def test_cached_generation_matches_recomputation_up_to_the_window_edge():
+    """Greedy past block_size: identical to recomputation until the context first exceeds the window."""
+    model = sharp_model(seed=5)
+    block = model.config.block_size
+    prompt = random_ids(1, 4, 32, seed=9)
+    cached = model.generate(prompt, 2 * block, temperature=0.0, use_cache=True)
+    recomputed = model.generate(prompt, 2 * block, temperature=0.0, use_cache=False)
+    assert cached.shape == recomputed.shape == (1, 4 + 2 * block)
+    edge = block + 1  # tokens sampled from contexts of at most block_size tokens
+    assert torch.equal(cached[:, :edge], recomputed[:, :edge])
+
+
+def test_prompt_longer_than_block_size_is_cropped():
+    model = sharp_model(seed=6)
+    prompt = random_ids(1, 40, 32)
+    out = model.generate(prompt, 3, temperature=0.0)
+    assert out.shape == (1, 43)
+    expected = model.generate(prompt[:, -model.config.block_size :], 1, temperature=0.0)[:, -1]
+    assert out[0, 40] == expected[0]
+
+
+def test_batched_generation_shapes_and_rows_are_independent():
+    model = sharp_model(seed=8)
+    prompts = random_ids(3, 6, 32, seed=10)
+    out = model.generate(prompts, 8, temperature=0.0)
+    assert out.shape == (3, 14)
+    assert torch.equal(out[:, :6], prompts)
+    for row in range(3):
+        single = model.generate(prompts[row : row + 1], 8, temperature=0.0)
+        assert torch.equal(single, out[row : row + 1])
+    assert model.generate(prompts, 0).shape == (3, 6)
+
+
+# ----------------------------------------------------------------------------- sample_next
+
+
+def draws(logits_row: torch.Tensor, n: int = 4000, seed: int = 0, **kwargs) -> set[int]:
+    logits = logits_row.unsqueeze(0).repeat(n, 1)
+    picked = sample_next(logits, generator=torch.Generator().manual_seed(seed), **kwargs)
+    assert picked.shape == (n, 1)
+    return set(picked.flatten().tolist())
+
+
+def test_top_k_never_picks_outside_the_k_best():
+    logits = torch.tensor([0.5, 2.0, -1.0, 1.9, 0.0, 2.1, 1.0, -3.0])
+    allowed = {5, 1, 3}  # the three largest logits
+    # a high temperature flattens the distribution, so any leak outside the top 3 would show up
+    assert draws(logits, top_k=3, temperature=5.0) == allowed
+    assert draws(logits, top_k=1, temperature=5.0) == {5}
+    assert draws(logits, top_k=100, temperature=5.0) == set(range(8))  # k beyond the vocabulary: no filter
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([0.05, 0.30, 0.02, 0.40, 0.20, 0.03])
+    logits = probs.log()
+    # by probability: 3 (0.40), 1 (0.30), 4 (0.20), 0 (0.05), 5 (0.03), 2 (0.02)
+    assert draws(logits, top_p=0.35) == {3}
+    assert draws(logits, top_p=0.65) == {3, 1}
+    assert draws(logits, top_p=0.8) == {3, 1, 4}
+    assert draws(logits, top_p=0.01) == {3}  # the most likely token always stays
+    assert draws(logits, top_p=1.0, n=20000) == set(range(6))
+
+
+def test_top_k_and_top_p_combine():
+    probs = torch.tensor([0.05, 0.30, 0.02, 0.40, 0.20, 0.03])
+    assert draws(probs.log(), top_k=2, top_p=0.99) == {3, 1}
+    assert draws(probs.log(), top_k=4, top_p=0.65) == {3, 1}
+
+
+def test_temperature_zero_is_argmax_and_rows_are_independent():
+    logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 4.9], [-1.0, -2.0, -0.5]])
+    assert sample_next(logits, temperature=0.0).flatten().tolist() == [1, 0, 2]
+    out = sample_next(logits * 100, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert out.flatten().tolist() == [1, 0, 2]  # peaked distributions pick the argmax per row

@@ -1,0 +1,512 @@
+"""Training reliability: crash-safe checkpoints, exact resume, graceful stop, the NaN guard, safe loading
+and determinism.
+
+Training runs are tiny (n_layer=1, n_embd=16, block_size=8) and most run as forked child processes
+(see forkrun.py); the SIGINT/SIGTERM tests and one resume after the SIGKILLs run the real
+`python train.py` in a fresh interpreter. "Bit-identical" compares every tensor's bytes (weights,
+AdamW state, random states) and every loss as float.hex, recorded in the child by wrapping GPT.forward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+import shlex
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import forkrun as fr
+import pytest
+import torch
+
+from nanogpt.checkpoint import FORMAT_VERSION, load_checkpoint, model_from_checkpoint, save_checkpoint
+from nanogpt.errors import UserError
+from nanogpt.model import GPT, GPTConfig
+
+N = 30  # iterations of the reference run
+EVAL_INTERVAL = 5
+GRAD_ACCUM = 2
+# dropout exercises the torch random state, gradient accumulation the per-micro-step batches
+ARGS = (*fr.TINY, "--dropout=0.1", f"--gradient_accumulation_steps={GRAD_ACCUM}", f"--eval_interval={EVAL_INTERVAL}")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def recorder(path: Path):
+    """A child `setup` that appends 'train|eval <loss.hex()>' to path for every loss the model computes."""
+
+    def setup() -> None:
+        log = open(path, "w", buffering=1)
+        forward = GPT.forward
+
+        def recording_forward(self, idx, targets=None, cache=None):
+            logits, loss = forward(self, idx, targets, cache)
+            if loss is not None:
+                log.write(f"{'train' if self.training else 'eval'} {loss.item().hex()}\n")
+            return logits, loss
+
+        GPT.forward = recording_forward
+
+    return setup
+
+
+def records(path: Path, mode: str) -> list[str]:
+    return [line.split()[1] for line in path.read_text().splitlines() if line.startswith(mode)]
+
+
+def log_lines(stdout: str, start: int = 0) -> list[str]:
+    """The 'step N: ...' and 'iter N: loss ...' lines for N >= start, without the timing columns."""
+    out = []
+    for line in stdout.splitlines():
+        m = re.match(r"(step|iter) (\d+):", line)
+        if m and int(m.group(2)) >= start:
+            out.append(re.sub(r", time .*", "", line))
+    return out
+
+
+def assert_bitwise_equal(a, b, where: str = "checkpoint") -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            assert_bitwise_equal(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{where}: lengths differ"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_bitwise_equal(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, f"{where}: tensor kind"
+        assert a.numpy().tobytes() == b.numpy().tobytes(), f"{where}: tensor bytes differ"
+    elif isinstance(a, float):
+        assert isinstance(b, float) and a.hex() == b.hex(), f"{where}: {a!r} != {b!r}"
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Everything but the options (init_from, max_iters may differ) is bit-identical."""
+    assert_bitwise_equal({k: v for k, v in a.items() if k != "config"}, {k: v for k, v in b.items() if k != "config"})
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def temp_files(out_dir: Path) -> list[str]:
+    return [name for name in os.listdir(out_dir) if name.endswith(".tmp")]
+
+
+def expected_after_resume(straight, r: int, reason: str) -> tuple[list[str], list[str], list[str]]:
+    """What a run resumed at iteration r must print and compute: the reference run from r on, minus the
+    evaluation at r when the checkpoint was saved right after it."""
+    lines = log_lines(straight.result.stdout, r)
+    skip_eval = reason == "eval"
+    if skip_eval:
+        lines = [line for line in lines if not line.startswith(f"step {r}:")]
+    evals_after = sum(1 for it in range(r + skip_eval, N + 1) if it % EVAL_INTERVAL == 0)
+    n_eval = 2 * evals_after  # eval_iters=1 batch for each of train and val
+    train = records(straight.losses, "train")[r * GRAD_ACCUM :]
+    evals = records(straight.losses, "eval")
+    return lines, train, evals[len(evals) - n_eval :]
+
+
+def assert_resumed_exactly(straight, result, losses: Path, out_dir: Path, r: int, reason: str) -> None:
+    assert result.returncode == 0, result.stderr
+    assert f"at iteration {r}" in result.stdout, result.stdout
+    lines, train, evals = expected_after_resume(straight, r, reason)
+    assert log_lines(result.stdout) == lines
+    assert records(losses, "train") == train
+    assert records(losses, "eval") == evals
+    assert_same_training_state(straight.ckpt, load_checkpoint(out_dir / "ckpt.pt"))
+
+
+def wait_for(predicate, timeout: float = 60, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+# ----------------------------------------------------------------------------- the reference run
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """N iterations without interruption, with every loss recorded; the reference for exact resume."""
+    root = tmp_path_factory.mktemp("resume")
+    data = fr.make_dataset(root / "data")
+    args = [*ARGS, f"--data_dir={data}"]
+    losses = root / "straight.losses"
+    result = fr.run(fr.train_main(), [*args, "--out_dir=straight", f"--max_iters={N}"], root, recorder(losses))
+    assert result.returncode == 0, result.stderr
+    ckpt = load_checkpoint(root / "straight" / "ckpt.pt")
+    assert ckpt["iter_num"] == N and ckpt["reason"] == "eval"
+    return SimpleNamespace(root=root, data=data, args=args, result=result, losses=losses, ckpt=ckpt)
+
+
+# ----------------------------------------------------------------------------- 1. crash-safe checkpoints
+
+
+def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(straight, tmp_path):
+    """24 SIGKILLs of a run that checkpoints every iteration: half at random times, half the moment a
+    save's temporary file appears. After each, ckpt.pt loads and the next run resumes from it."""
+    rng = random.Random(20240601)
+    out = tmp_path / "out"
+    args = [*straight.args, "--out_dir=out", "--eval_interval=1", "--always_save_checkpoint=True"]
+    first = fr.run(fr.train_main(), [*args, "--max_iters=2"], tmp_path)
+    assert first.returncode == 0, first.stderr
+    last_iter = load_checkpoint(out / "ckpt.pt")["iter_num"]
+    start_iter = last_iter
+    kills = mid_save = 0
+    t_start = time.monotonic()
+    for k in range(24):
+        stale = set(temp_files(out))  # left by earlier kills; the next run deletes them at start-up
+        child = fr.start(fr.train_main(), [*args, "--max_iters=1000000", "--init_from=resume"], tmp_path)
+        if k % 2:
+            saving = lambda: set(temp_files(out)) - stale or child.poll() is not None  # noqa: B023, E731
+            wait_for(saving, 10, "a save")
+        else:
+            time.sleep(rng.uniform(0.05, 0.5))
+        result = child.kill()
+        assert result.returncode == -signal.SIGKILL, (result.returncode, result.stderr)
+        kills += 1
+        mid_save += bool(set(temp_files(out)) - stale)  # the kill interrupted a save: its temporary file is left
+        assert "Traceback" not in result.stderr
+        if "resuming from" in result.stdout:
+            assert f"resuming from out/ckpt.pt at iteration {last_iter}" in result.stdout
+        ckpt = load_checkpoint(out / "ckpt.pt")  # raises UserError if torn or missing
+        model_from_checkpoint(ckpt)
+        assert ckpt["iter_num"] >= last_iter
+        last_iter = ckpt["iter_num"]
+    assert kills >= 20
+    assert mid_save >= 1, "no kill landed during a save"
+    assert last_iter > start_iter, "the runs made no progress between kills"
+    assert time.monotonic() - t_start < 30
+    print(f"{kills} SIGKILLs, {mid_save} during a save; reached iteration {last_iter}")
+
+    # a last resume cleans up the torn temporary files and finishes
+    result = fr.run(fr.train_main(), [*args, f"--max_iters={last_iter + 3}", "--init_from=resume"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from out/ckpt.pt at iteration {last_iter}" in result.stdout
+    assert load_checkpoint(out / "ckpt.pt")["iter_num"] == last_iter + 3
+    assert temp_files(out) == []
+
+
+def test_failed_save_leaves_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch):
+    model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=16))
+    ckpt = {"model_args": model.config.to_dict(), "model": model.state_dict(), "iter_num": 1}
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, ckpt)
+    before = digest(path)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # e.g. the second Ctrl-C, in the middle of writing
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {**ckpt, "iter_num": 2})
+    assert digest(path) == before
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+# ----------------------------------------------------------------------------- 2. exact resume
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigterm"])
+def test_stopped_and_resumed_run_is_bit_identical(straight, tmp_path, how):
+    """Stop a run at about iteration 12 (SIGKILL: back to the eval checkpoint at 10; SIGTERM: interrupt.pt
+    just after 12), resume to N: the same weights, optimizer and random states, losses and log lines."""
+    args = [*straight.args, "--out_dir=out", f"--max_iters={N}"]
+    child = fr.start(fr.train_main(), args, tmp_path)
+    wait_for(lambda: "iter 12:" in child.out.read_text() or child.poll() is not None, what="iteration 12")
+    if how == "sigkill":
+        assert child.kill().returncode == -signal.SIGKILL
+        saved = load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    else:
+        child.signal(signal.SIGTERM)
+        assert child.wait().returncode == 143
+        saved = load_checkpoint(tmp_path / "out" / "interrupt.pt")
+    r, reason = saved["iter_num"], saved["reason"]
+    assert reason == ("eval" if how == "sigkill" else "interrupt")
+    assert 10 <= r < N
+
+    losses = tmp_path / "resumed.losses"
+    result = fr.run(fr.train_main(), [*args, "--init_from=resume"], tmp_path, recorder(losses))
+    assert_resumed_exactly(straight, result, losses, tmp_path / "out", r, reason)
+    assert not (tmp_path / "out" / "interrupt.pt").exists()  # ckpt.pt is further along now
+
+
+def test_extending_max_iters_resumes_exactly(straight, tmp_path):
+    """Train to 12 (last checkpoint at 10), then resume with --max_iters=N: identical to training to N."""
+    args = [*straight.args, "--out_dir=out"]
+    first = fr.run(fr.train_main(), [*args, "--max_iters=12"], tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == 10
+    losses = tmp_path / "resumed.losses"
+    result = fr.run(fr.train_main(), [*args, f"--max_iters={N}", "--init_from=resume"], tmp_path, recorder(losses))
+    assert_resumed_exactly(straight, result, losses, tmp_path / "out", 10, "eval")
+
+
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        ("--n_layer=2", "n_layer: checkpoint 1, requested 2"),
+        ("--n_embd=32", "n_embd: checkpoint 16, requested 32"),
+        ("--block_size=64", "block_size: checkpoint 8, requested 64"),
+        ("--bias=True", "bias: checkpoint False, requested True"),
+    ],
+)
+def test_resume_refuses_a_different_model_shape(straight, tmp_path, option, message):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes((straight.root / "straight" / "ckpt.pt").read_bytes())
+    before = digest(out / "ckpt.pt")
+    result = fr.run(fr.train_main(), [*straight.args, "--out_dir=out", option, "--init_from=resume"], tmp_path)
+    fr.assert_user_error(result, "cannot resume from out/ckpt.pt", "different shape", message, "new --out_dir")
+    assert digest(out / "ckpt.pt") == before
+    assert sorted(os.listdir(out)) == ["ckpt.pt"]
+
+
+def test_resume_prefers_the_newer_of_ckpt_and_interrupt(straight, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    ckpt = dict(straight.ckpt)
+    save_checkpoint(out / "ckpt.pt", {**ckpt, "iter_num": 20})
+    save_checkpoint(out / "interrupt.pt", {**ckpt, "iter_num": 23, "reason": "interrupt"})
+    result = fr.run(
+        fr.train_main(), [*straight.args, "--out_dir=out", "--max_iters=24", "--init_from=resume"], tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "resuming from out/interrupt.pt at iteration 23" in result.stdout
+
+
+# ----------------------------------------------------------------------------- 3. graceful stop
+
+
+def test_sigint_and_sigterm_save_interrupt_pt_and_the_printed_command_resumes_exactly(straight, tmp_path):
+    """The real `python train.py`, stopped by SIGINT and by SIGTERM (two runs, side by side): the signal
+    saves interrupt.pt and prints a resume command; that command, run to N iterations (in a fresh
+    interpreter after SIGINT, in a forked child after SIGTERM), reproduces the reference run bit for bit."""
+    args = [*straight.args, "--out_dir=out", "--max_iters=1000000"]
+    runs = {}
+    try:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            cwd = tmp_path / signal.Signals(signum).name
+            cwd.mkdir()
+            runs[signum] = (cwd, fr.popen_script("train.py", *args, cwd=cwd))
+        for signum, (cwd, proc) in runs.items():
+            ready = lambda: (cwd / "out" / "ckpt.pt").exists() or proc.poll() is not None  # noqa: B023, E731
+            wait_for(ready, what="a checkpoint")
+            proc.send_signal(signum)
+        for signum, (cwd, proc) in runs.items():
+            stdout, stderr = proc.communicate(timeout=120)
+            assert proc.returncode == (130 if signum == signal.SIGINT else 143), stderr
+            assert "Traceback" not in stderr
+            name = signal.Signals(signum).name
+            m = re.search(rf"stopped by {name} at iteration (\d+); saved out/interrupt.pt\.", stderr)
+            assert m, stderr
+            saved = load_checkpoint(cwd / "out" / "interrupt.pt")
+            r = saved["iter_num"]
+            assert r == int(m.group(1)) > EVAL_INTERVAL and saved["reason"] == "interrupt"
+            command = shlex.split(stderr.split("resume with: ", 1)[1].strip())
+            assert command[:2] == ["python", "train.py"] and command[2:] == [*args, "--init_from=resume"]
+
+            if signum == signal.SIGINT:
+                result = fr.run_script("train.py", *command[2:], f"--max_iters={N}", cwd=cwd)
+            else:
+                result = fr.run(fr.train_main(), [*command[2:], f"--max_iters={N}"], cwd)
+            assert result.returncode == 0, result.stderr
+            assert f"resuming from out/interrupt.pt at iteration {r}" in result.stdout
+            lines, _, _ = expected_after_resume(straight, r, "interrupt")
+            assert log_lines(result.stdout) == lines
+            assert_same_training_state(straight.ckpt, load_checkpoint(cwd / "out" / "ckpt.pt"))
+            assert not (cwd / "out" / "interrupt.pt").exists()
+    finally:
+        for _, proc in runs.values():
+            proc.kill()
+            proc.communicate()
+
+
+def test_resume_command_quotes_arguments():
+    from nanogpt.train import resume_command
+
+    cmd = resume_command(["--out_dir=my run", "--init_from=scratch", "--n_layer=2"])
+    assert shlex.split(cmd) == ["python", "train.py", "--out_dir=my run", "--n_layer=2", "--init_from=resume"]
+
+
+# ----------------------------------------------------------------------------- 4. numerical guard
+
+
+def inject_nan_at(iteration: int, start: int):
+    """A child `setup` that makes the training loss NaN at `iteration` of a run resumed at `start`."""
+
+    def setup() -> None:
+        forward, calls = GPT.forward, [0]
+
+        def nan_forward(self, idx, targets=None, cache=None):
+            logits, loss = forward(self, idx, targets, cache)
+            if self.training:
+                if start + calls[0] // GRAD_ACCUM == iteration:
+                    loss = loss * float("nan")
+                calls[0] += 1
+            return logits, loss
+
+        GPT.forward = nan_forward
+
+    return setup
+
+
+@pytest.mark.parametrize(
+    "log_interval, max_iters",
+    [(1, N + 10), (100, N + 10), (100, N + 3)],
+    ids=["next-log-line", "next-evaluation", "after-the-last-iteration"],
+)
+def test_nan_loss_stops_training_and_keeps_the_checkpoint(straight, tmp_path, log_interval, max_iters):
+    """A NaN loss at iteration N+2 stops the run with the iteration and the usual causes, whether it is seen at
+    the next log line, at the next evaluation (which would otherwise save NaN weights over ckpt.pt, as
+    always_save_checkpoint is on) or after the last iteration; ckpt.pt stays byte-identical."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes((straight.root / "straight" / "ckpt.pt").read_bytes())
+    before = digest(out / "ckpt.pt")
+    args = [*straight.args, "--out_dir=out", f"--log_interval={log_interval}", f"--max_iters={max_iters}"]
+    result = fr.run(fr.train_main(), [*args, "--init_from=resume"], tmp_path, inject_nan_at(N + 2, start=N))
+    fr.assert_user_error(result, f"NaN or infinite at iteration {N + 2}", "no checkpoint", "learning rate too high")
+    assert digest(out / "ckpt.pt") == before
+    assert sorted(os.listdir(out)) == ["ckpt.pt"]
+
+
+def test_absurd_learning_rate_is_caught_before_the_checkpoint_is_overwritten(straight, tmp_path):
+    out = tmp_path / "out"
+    first = fr.run(fr.train_main(), [*straight.args, "--out_dir=out", "--max_iters=5"], tmp_path)
+    assert first.returncode == 0
+    before = digest(out / "ckpt.pt")
+    args = [*straight.args, "--out_dir=out", "--max_iters=20", "--learning_rate=1e6", "--log_interval=100"]
+    result = fr.run(fr.train_main(), [*args, "--init_from=resume"], tmp_path)
+    fr.assert_user_error(result, "NaN or infinite at iteration", "Usual causes", "--learning_rate")
+    assert digest(out / "ckpt.pt") == before
+
+
+# ----------------------------------------------------------------------------- 5. safe loading
+
+
+class Payload:
+    """Unpickling this would create a file: what a malicious checkpoint could do with plain torch.load."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_checkpoint_with_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    model = GPT(GPTConfig(block_size=8, vocab_size=11, n_layer=1, n_head=2, n_embd=16))
+    torch.save(
+        {"model_args": model.config.to_dict(), "model": model.state_dict(), "x": Payload(marker)}, tmp_path / "c"
+    )
+    with pytest.raises(UserError, match="damaged or not a PyTorch checkpoint"):
+        load_checkpoint(tmp_path / "c")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("import os\nos.system('touch pwned')\n", "found an import"),
+        ("n_layer = __import__('os').system('touch pwned')\n", "Function calls are not allowed"),
+        ("n_layer = 1\nopen('pwned', 'w')\n", "only simple assignments"),
+    ],
+)
+def test_config_file_with_code_is_rejected_and_nothing_runs(straight, tmp_path, text, fragment):
+    (tmp_path / "evil.py").write_text(text)
+    result = fr.run(fr.train_main(), ["evil.py", *straight.args, "--out_dir=out", "--max_iters=1"], tmp_path)
+    fr.assert_user_error(result, "evil.py, line", fragment, "never executed")
+    assert not (tmp_path / "pwned").exists()
+    assert not (tmp_path / "out").exists()
+
+
+def nanogpt_style(ckpt: dict) -> dict:
+    """What Karpathy's nanoGPT saves: no format_version, no tokenizer, torch.compile's `_orig_mod.` prefixes,
+    and model_args with keys nanogpt does not have."""
+    return {
+        "model": {f"_orig_mod.{k}": v for k, v in ckpt["model"].items()},
+        "optimizer": ckpt["optimizer"],
+        "model_args": {**ckpt["model_args"], "flash": True},
+        "iter_num": ckpt["iter_num"],
+        "best_val_loss": ckpt["best_val_loss"],
+        "config": {**ckpt["config"], "dataset": "tiny", "data_dir": ""},
+    }
+
+
+def test_nanogpt_checkpoint_migrates_and_resumes(straight, tmp_path, monkeypatch):
+    """A nanoGPT-format char-level checkpoint finds its vocabulary in data/<dataset>/meta.json, loads, resumes
+    training and samples; the new checkpoint has the current format and the tokenizer."""
+    monkeypatch.chdir(tmp_path)  # nanoGPT's data/<dataset> is relative to the working directory
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "tiny").symlink_to(straight.data)
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save(nanogpt_style(straight.ckpt), out / "ckpt.pt")
+    migrated = load_checkpoint(out / "ckpt.pt")
+    assert migrated["format_version"] == FORMAT_VERSION
+    assert migrated["tokenizer"]["kind"] == "char"
+    assert "flash" not in migrated["model_args"]
+    assert_bitwise_equal(migrated["model"], straight.ckpt["model"])
+    model_from_checkpoint(migrated)
+
+    # no rng in a nanoGPT checkpoint, so not bit-exact: check it trains on from iteration N
+    result = fr.run(
+        fr.train_main(), [*straight.args, "--out_dir=out", f"--max_iters={N + 5}", "--init_from=resume"], tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from out/ckpt.pt at iteration {N}" in result.stdout
+    resumed = torch.load(out / "ckpt.pt", weights_only=True)
+    assert resumed["format_version"] == FORMAT_VERSION and resumed["iter_num"] == N + 5
+    assert resumed["tokenizer"] == migrated["tokenizer"]
+
+    result = fr.run(
+        fr.sample_main(), ["--out_dir=out", "--device=cpu", "--num_samples=2", "--max_new_tokens=5"], tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_gpt2_vocabulary_nanogpt_checkpoint_needs_no_meta(tmp_path):
+    model = GPT(GPTConfig(block_size=8, vocab_size=50304, n_layer=1, n_head=2, n_embd=16))
+    torch.save(
+        {"model": model.state_dict(), "model_args": model.config.to_dict(), "iter_num": 7, "best_val_loss": 2.0},
+        tmp_path / "ckpt.pt",
+    )
+    migrated = load_checkpoint(tmp_path / "ckpt.pt")
+    assert migrated["tokenizer"] == {"kind": "gpt2"} and migrated["format_version"] == FORMAT_VERSION
+
+
+@pytest.mark.parametrize("version, message", [(FORMAT_VERSION + 1, "newer nanogpt"), ("1", "format_version")])
+def test_future_or_bogus_format_version_says_why(straight, tmp_path, version, message):
+    torch.save({**straight.ckpt, "format_version": version}, tmp_path / "ckpt.pt")
+    with pytest.raises(UserError, match=message):
+        load_checkpoint(tmp_path / "ckpt.pt")
+    result = fr.run(fr.sample_main(), ["--out_dir=.", "--device=cpu"], tmp_path)
+    fr.assert_user_error(result, message)
+
+
+# ----------------------------------------------------------------------------- 7. determinism
+
+
+def test_same_seed_gives_identical_runs(straight, tmp_path):
+    losses = tmp_path / "again.losses"
+    again = fr.run(fr.train_main(), [*straight.args, "--out_dir=again", f"--max_iters={N}"], tmp_path, recorder(losses))
+    assert again.returncode == 0, again.stderr
+    assert log_lines(again.stdout) == log_lines(straight.result.stdout)
+    assert losses.read_text() == straight.losses.read_text()
+    assert_same_training_state(straight.ckpt, load_checkpoint(tmp_path / "again" / "ckpt.pt"))
+
+    # and the comparison can tell runs apart: another seed changes the losses
+    other = fr.run(fr.train_main(), [*straight.args, "--out_dir=other", "--max_iters=3", "--seed=7"], tmp_path)
+    assert log_lines(other.stdout) != log_lines(straight.result.stdout, 0)[: len(log_lines(other.stdout))]
