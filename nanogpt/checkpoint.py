@@ -20,7 +20,9 @@ Files are written atomically (see atomic.py), so a crash never leaves a torn che
 
 from __future__ import annotations
 
+import pickle
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -122,9 +124,22 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"no checkpoint at {path}. Train a model first (python train.py ...) with the same --out_dir, "
             "or point --out_dir at the folder that holds ckpt.pt."
         )
+    bad_entry = _entry_failing_crc(path)
+    if bad_entry is not None:
+        raise UserError(
+            f"the checkpoint {path} is damaged: the data of {bad_entry} does not match its checksum. Restore it "
+            "from a backup or train again."
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged file can make the unpickler raise almost anything (IndexError, KeyError...)
+        refused = isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e)
+        if refused and zipfile.is_zipfile(path):  # a whole torch.save file, not garbage the unpickler choked on
+            raise UserError(
+                f"{path} holds Python objects other than tensors and plain values; nanogpt does not load them, "
+                "as unpickling them could run arbitrary code. Only load checkpoints from sources you trust, and "
+                "save them as plain dicts of tensors."
+            ) from None
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise UserError(
             f"the checkpoint {path} is damaged or not a PyTorch checkpoint ({first}). Restore it from a backup "
@@ -134,6 +149,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} is not a nanogpt checkpoint (it holds a {type(ckpt).__name__}).")
     return _migrate(ckpt, path)
+
+
+def _entry_failing_crc(path: Path) -> str | None:
+    """The first entry of a checkpoint (a zip archive) whose data fails its CRC-32. torch.load does not check
+    them, so without this a flipped bit in the weights would load silently."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except Exception:  # not a zip file, or torn: torch.load says what is wrong
+        return None
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], dropout: float | None = None) -> GPT:
@@ -161,14 +186,18 @@ def tokenizer_from_checkpoint(ckpt: dict[str, Any]) -> Tokenizer:
 def load_resume_checkpoint(out_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     """The checkpoint to resume from: ckpt.pt or interrupt.pt, whichever is further along."""
     out_dir = Path(out_dir)
-    found = []
+    found, damaged = [], []
     for name in (CKPT_NAME, INTERRUPT_NAME):
         path = out_dir / name
         if path.is_file():
             try:
                 found.append((path, load_checkpoint(path)))
             except UserError as e:
-                print(f"warning: skipping {path}: {e}", file=sys.stderr)
+                damaged.append((path, e))
     if not found:
-        load_checkpoint(out_dir / CKPT_NAME)  # raises the message for a missing or damaged checkpoint
+        if damaged:
+            raise damaged[0][1]
+        load_checkpoint(out_dir / CKPT_NAME)  # raises the message for a missing checkpoint
+    for path, e in damaged:
+        print(f"warning: skipping {path}: {e}", file=sys.stderr)
     return max(found, key=lambda pc: pc[1].get("iter_num", 0))

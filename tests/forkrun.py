@@ -168,10 +168,10 @@ def _warm_up() -> None:
     peak (0.2 s)."""
     import torch
 
-    from nanogpt.mfu import measured_matmul_flops
+    from nanogpt.mfu import peak_flops
 
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
-    measured_matmul_flops("cpu", torch.float32)
+    peak_flops("cpu", torch.float32)
     _warm.append(True)
 
 
@@ -228,8 +228,8 @@ def script_env() -> dict[str, str]:
 
 
 def popen_script(script: str, *args: str, cwd: Path) -> subprocess.Popen:
-    """A genuine `python <repo>/<script> args...` subprocess (a fresh interpreter), text output piped."""
-    cmd = [sys.executable, str(REPO / script), *args]
+    """A genuine `python <repo>/<script> args...` (or `python -m args...`) subprocess, text output piped."""
+    cmd = [sys.executable, script if script == "-m" else str(REPO / script), *args]
     return subprocess.Popen(cmd, cwd=cwd, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -190,7 +190,7 @@ CONFIG_LIKE = st.lists(
 
 
 @pytest.mark.filterwarnings("ignore::SyntaxWarning")  # Python warns about e.g. '1if' while parsing
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(st.text(max_size=200), CONFIG_LIKE))
 def test_parse_config_text_only_returns_a_dict_or_raises_user_error(text):
     try:

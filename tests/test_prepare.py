@@ -141,7 +141,7 @@ def test_missing_input_offline_says_where_to_put_the_text(tmp_path, monkeypatch)
 
 def test_missing_input_offline_in_a_subprocess(run_script, tmp_path, assert_user_error):
     # an unreachable proxy makes any download fail at once, without touching the network
-    env = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    env = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "no_proxy": ""}
     env |= {k.upper(): v for k, v in env.items()}
     proc = run_script("-m", "nanogpt", "prepare", "shakespeare_char", "--download_timeout=10", env=env)
     assert_user_error(proc, str(Path("data/shakespeare_char/input.txt")), "--input")

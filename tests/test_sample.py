@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -88,10 +89,13 @@ def test_single_sample_streams(tiny_checkpoint, repo_root, script_env, tmp_path)
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+    watchdog = threading.Timer(120, proc.kill)  # never hang the suite if nothing is printed
+    watchdog.start()
     try:
         head = proc.stdout.read(len("KING") + 10)  # the prompt and the first ten generated characters
         assert proc.poll() is None, proc.stderr.read().decode()  # ...arrive while generation goes on
     finally:
+        watchdog.cancel()
         proc.kill()
         proc.communicate()
     assert head.startswith(b"KING") and len(head) == len("KING") + 10

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -94,8 +96,6 @@ def test_training_in_process_learns_and_writes_a_checkpoint(prepare_char_dataset
 
 
 def load_meta_chars(data_dir: Path) -> list[str]:
-    import json
-
     return json.loads((data_dir / "meta.json").read_text(encoding="utf-8"))["tokenizer"]["chars"]
 
 
@@ -251,6 +251,8 @@ def test_ctrl_c_saves_an_interrupt_checkpoint(tiny_checkpoint, tiny_model_args, 
         stderr=subprocess.PIPE,
         text=True,
     )
+    watchdog = threading.Timer(180, proc.kill)  # never hang the suite, whatever happens below
+    watchdog.start()
     try:
         deadline = time.time() + 60
         for line in proc.stdout:
@@ -259,6 +261,7 @@ def test_ctrl_c_saves_an_interrupt_checkpoint(tiny_checkpoint, tiny_model_args, 
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=60)
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, err
@@ -297,17 +300,28 @@ def short_dataset(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    "case, fragments",
+    "case, fragments, as_script",
     [
-        ("missing data", ["train.bin does not exist", "prepare"]),
-        ("heads", ["--n_embd=30 is not divisible by --n_head=4"]),
-        ("short corpus", ["val.bin holds 20 tokens, too few for block_size=32"]),
-        ("cuda", ["--device=cuda", "CUDA is not available"]),
+        ("missing data", ["train.bin does not exist", "prepare"], True),
+        ("heads", ["--n_embd=30 is not divisible by --n_head=4"], False),
+        ("short corpus", ["val.bin holds 20 tokens, too few for block_size=32"], False),
+        ("cuda", ["--device=cuda", "CUDA is not available"], True),
     ],
 )
 def test_bad_runs_fail_cleanly_and_keep_the_checkpoint(
-    case, fragments, good_run, tiny_model_args, run_script, repo_root, tmp_path, assert_user_error, capsys
+    case,
+    fragments,
+    as_script,
+    good_run,
+    tiny_model_args,
+    run_script,
+    run_in_process,
+    repo_root,
+    tmp_path,
+    assert_user_error,
 ):
+    """Exit status 2 and a message, no traceback, and the previous ckpt.pt untouched. Two cases run
+    train.py as a script; the others run in-process (faster; a traceback would fail the test there too)."""
     if case == "cuda" and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     data_dir, out_dir, before = good_run
@@ -317,7 +331,12 @@ def test_bad_runs_fail_cleanly_and_keep_the_checkpoint(
         "short corpus": [f"--data_dir={short_dataset(tmp_path)}"],
         "cuda": [f"--data_dir={data_dir}", "--device=cuda"],
     }[case]
-    proc = run_script(repo_root / "train.py", *tiny_model_args, f"--out_dir={out_dir}", "--max_iters=2", *extra)
+    argv = [*tiny_model_args, f"--out_dir={out_dir}", "--max_iters=2", *extra]
+    if as_script:
+        proc = run_script(repo_root / "train.py", *argv)
+    else:
+        code, out, err = run_in_process(train_main, argv)
+        proc = subprocess.CompletedProcess(argv, code, out, err)
     assert_user_error(proc, *fragments)
     assert (out_dir / "ckpt.pt").read_bytes() == before
     assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt"]
