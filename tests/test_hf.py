@@ -388,3 +388,42 @@ def test_finetune_sample_and_export_a_hf_folder(hf_gpt2_vocab_folder, tmp_path, 
     # HF continues the prompt exactly as nanogpt does
     hf_ids = ref.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=5, pad_token_id=0)
     assert hf_ids.tolist() == ours.generate(idx, 5, temperature=0.0).tolist()
+
+
+def test_finetune_on_bpe_shakespeare(hf_gpt2_vocab_folder, training_text, tmp_path, capsys, offline_gpt2_bpe):
+    """The README's finetuning path with a tiny random HF checkpoint: prepare GPT-2 BPE Shakespeare,
+    finetune for a few iterations (val loss drops), sample from the result."""
+    from nanogpt.prepare import main as prepare_main
+
+    src = tmp_path / "input.txt"
+    src.write_text(training_text[:200_000], encoding="utf-8")
+    data = tmp_path / "data" / "shakespeare"
+    prepare_main(["shakespeare", f"--input={src}", f"--data_dir={data}"])
+    out = tmp_path / "out-shakespeare"
+    capsys.readouterr()
+    train.main(
+        [
+            f"--data_dir={data}",
+            f"--out_dir={out}",
+            f"--init_from={hf_gpt2_vocab_folder}",
+            "--device=cpu",
+            "--compile=False",
+            "--block_size=32",
+            "--batch_size=8",
+            "--gradient_accumulation_steps=1",
+            "--max_iters=40",
+            "--eval_interval=20",
+            "--eval_iters=4",
+            "--learning_rate=1e-2",
+            "--decay_lr=False",
+            "--dropout=0.1",
+            "--log_interval=100",
+            "--progress=False",
+        ]
+    )
+    val = [float(v) for v in re.findall(r"val loss ([0-9.]+)", capsys.readouterr().out)]
+    assert len(val) == 3 and val[-1] < val[0] - 2.0, val
+    assert load_checkpoint(out / "ckpt.pt")["model_args"]["dropout"] == 0.1
+    sample.main([f"--out_dir={out}", "--device=cpu", "--num_samples=2", "--max_new_tokens=8", "--start=ROMEO:"])
+    printed = capsys.readouterr().out
+    assert printed.count("ROMEO:") == 2 and printed.count("---------------") == 2

@@ -104,6 +104,17 @@ def test_real_tiny_shakespeare_counts(shakespeare_path, tmp_path, capsys):
     assert (data_dir / "train.bin").stat().st_size == 2 * 1_003_854
 
 
+def test_real_tiny_shakespeare_bpe_counts(shakespeare_path, tmp_path, capsys):
+    data_dir = tmp_path / "data" / "shakespeare"
+    prepare_main(["shakespeare", f"--input={shakespeare_path}", f"--data_dir={data_dir}"])
+    out = capsys.readouterr().out
+    # nanoGPT's figures for data/shakespeare/prepare.py
+    assert "train has 301,966 tokens" in out
+    assert "val has 36,059 tokens" in out
+    assert (data_dir / "train.bin").stat().st_size == 2 * 301_966
+    assert (data_dir / "val.bin").stat().st_size == 2 * 36_059
+
+
 def test_dataset_wrapper_script_with_overrides(run_script, repo_root, tiny_corpus, tmp_path):
     """data/shakespeare_char/prepare.py: later --data_dir/--input override the wrapper's own folder."""
     data_dir = tmp_path / "wrapped"

@@ -364,3 +364,18 @@ def test_dataset_and_model_vocabularies_must_match(tiny_checkpoint, tiny_model_a
     with pytest.raises(UserError, match="do not match"):
         train(tiny_model_args, tmp_path / "big", out_dir, "--init_from=resume", "--max_iters=8")
     assert (out_dir / "ckpt.pt").read_bytes() == before
+
+
+def test_out_of_memory_prints_the_ways_down(prepare_char_dataset, tiny_model_args, run_in_process, tmp_path, monkeypatch):
+    from nanogpt.model import GPT
+
+    def oom(self, idx, targets=None, cache=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    data_dir = prepare_char_dataset()
+    monkeypatch.setattr(GPT, "forward", oom)
+    code, _, err = run_in_process(
+        train_main, [*tiny_model_args, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}", "--max_iters=5"]
+    )
+    assert code == 2 and "Traceback" not in err
+    assert "ran out of memory" in err and "--batch_size" in err and "--block_size" in err and "bfloat16" in err
