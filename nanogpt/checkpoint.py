@@ -15,7 +15,8 @@ read it without unpickling arbitrary objects):
     rng             random states of Python, numpy, torch, CUDA and the batch sampler
     reason          "eval" (saved at an evaluation) or "interrupt" (saved on Ctrl-C / SIGTERM)
 
-Files are written atomically (see atomic.py), so a crash never leaves a torn checkpoint.
+Files are written atomically (see atomic.py), so a crash never leaves a torn checkpoint; loading
+checks every entry's CRC-32, so a damaged copy is refused rather than loaded with wrong weights.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def resolve_dtype(requested: str, device: str) -> str:
     if requested == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("--dtype=bfloat16 is not supported by this GPU (it needs Ampere or newer); use float16.")
     if requested == "float16" and kind == "cpu":
-        raise UserError("--dtype=float16 is not supported for training on the CPU; use bfloat16 or float32.")
+        raise UserError("--dtype=float16 is not supported on the CPU; use bfloat16 or float32.")
     return requested
 
 

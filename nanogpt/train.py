@@ -347,8 +347,12 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
         if world == 1:  # restored just before the loop, after everything else that might draw random numbers
             saved_rng = ckpt.get("rng")
         # a checkpoint saved at an evaluation already did the evaluation at its iteration
-        skip_eval_at = iter_num if ckpt.get("reason") == "eval" else None
+        skip_eval_at = iter_num if ckpt.get("reason") == "eval" and not o.eval_only else None
         ckpt = None  # free the memory
+        if iter_num > o.max_iters and not o.eval_only:
+            if master:
+                print(f"the checkpoint is at iteration {iter_num}, past --max_iters={o.max_iters}: nothing to do.")
+            return
 
     raw_model = model
     if o.compile:
@@ -459,13 +463,13 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
                         )
                     if losses["val"] < best_val_loss or o.always_save_checkpoint:
                         best_val_loss = min(best_val_loss, losses["val"])
-                        if iter_num > 0 and master:
+                        if iter_num > 0 and master and not o.eval_only:
                             log(f"saving checkpoint to {out_dir / CKPT_NAME}")
                             save_checkpoint(out_dir / CKPT_NAME, checkpoint("eval"))
                             stale = out_dir / INTERRUPT_NAME
                             if stale.exists():
                                 stale.unlink()  # ckpt.pt is now further along
-                if iter_num == 0 and o.eval_only:
+                if o.eval_only:  # also when resuming: evaluate the checkpoint, train nothing
                     break
 
                 # forward/backward with gradient accumulation; DDP all-reduces only on the last micro-step
