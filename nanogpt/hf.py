@@ -48,8 +48,8 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 # causal-mask buffers some transformers versions keep in the state dict; they are not weights.
 # The leading dot matters: "attn.c_attn.bias" ends with "attn.bias" but is a real parameter.
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
-# HF GPT-2 activations that are exactly our GELU (the tanh approximation)
-TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+# HF GPT-2 activation names -> ours: the tanh approximation (OpenAI's GPT-2) and the exact GELU
+HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
 
 CHAR_VOCAB_NAME = "nanogpt_char_vocab.json"  # the character vocabulary of an exported char-level model
 GPT2_TOKENIZER_FILES = (
@@ -111,9 +111,10 @@ def unsupported_features(hf_config: Any) -> list[str]:
     """
     c = hf_config
     problems = []
-    if getattr(c, "activation_function", "gelu_new") not in TANH_GELUS:
+    if getattr(c, "activation_function", "gelu_new") not in HF_ACTIVATIONS:
         problems.append(
-            f"activation_function={c.activation_function!r} (only the tanh GELU, 'gelu_new', is implemented)"
+            f"activation_function={c.activation_function!r} (only 'gelu_new', its equivalent "
+            "'gelu_pytorch_tanh', and 'gelu' are implemented)"
         )
     if not getattr(c, "scale_attn_weights", True):
         problems.append("scale_attn_weights=False (attention is always scaled by 1/sqrt(head size))")
@@ -148,6 +149,7 @@ def gpt_config_from_hf(hf_config: Any, dropout: float | None = None) -> GPTConfi
         n_embd=hf_config.n_embd,
         dropout=0.0 if dropout is None else dropout,
         bias=True,
+        activation=HF_ACTIVATIONS[getattr(hf_config, "activation_function", "gelu_new")],
     )
 
 
@@ -293,7 +295,7 @@ def hf_config_from_gpt(config: GPTConfig, tokenizer_spec: dict[str, Any]) -> Any
         n_layer=config.n_layer,
         n_head=config.n_head,
         n_inner=None,
-        activation_function="gelu_new",
+        activation_function="gelu_new" if config.activation == "gelu_tanh" else "gelu",
         resid_pdrop=config.dropout,
         embd_pdrop=config.dropout,
         attn_pdrop=config.dropout,

@@ -101,7 +101,9 @@ def ours_from(ckpt: dict) -> GPT:
 def test_loaded_model_gives_hf_logits(hf_folder):
     ref = hf_model(hf_folder)
     ours = load_pretrained_gpt2(str(hf_folder)).eval()
-    assert ours.config == GPTConfig(block_size=BLOCK, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    assert ours.config == GPTConfig(
+        block_size=BLOCK, vocab_size=VOCAB, n_layer=2, n_head=2, n_embd=32, dropout=0.0, activation="gelu_tanh"
+    )
     idx = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = ref(idx).logits
@@ -301,6 +303,23 @@ def test_unsupported_gpt2_variants_are_refused_by_name(tmp_path, overrides, name
 def test_supported_equivalent_settings_are_accepted(tmp_path):
     cfg = tiny_hf_config(activation_function="gelu_pytorch_tanh", n_inner=128, reorder_and_upcast_attn=True)
     assert hf.unsupported_features(cfg) == []
+
+
+def test_exact_gelu_checkpoint_loads_with_parity(tmp_path):
+    """HF's activation_function='gelu' (exact) maps to ours, and a mismatch would show in the logits."""
+    torch.manual_seed(5)
+    ref = transformers.GPT2LMHeadModel(tiny_hf_config(activation_function="gelu"))
+    randomize(ref, seed=5)
+    ref.save_pretrained(str(tmp_path))
+    ours = load_pretrained_gpt2(str(tmp_path)).eval()
+    assert ours.config.activation == "gelu"
+    idx = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(all_logits(ours, idx), ref.eval()(idx).logits, atol=1e-5, rtol=0)
+        ours.config.activation = "gelu_tanh"  # the other GELU gives measurably different logits
+        other = GPT(ours.config)
+        other.load_state_dict(ours.state_dict())
+        assert (all_logits(other.eval(), idx) - ref(idx).logits).abs().max() > 1e-4
 
 
 def test_folders_that_are_not_gpt2_are_refused(tmp_path):
