@@ -138,28 +138,19 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+_DESCRIPTIONS = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
+
+
 def _type_name(tp: Any) -> str:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if args:
-        return " or ".join(_type_name(a) for a in args) + (" or None" if type(None) in typing.get_args(tp) else "")
-    return getattr(tp, "__name__", str(tp))
-
-
-def coerce(name: str, tp: Any, value: Any) -> Any:
-    """Convert `value` (a string from the command line, or a config-file value) to the field type."""
+    """'True or False', 'an integer or None', ...: how --help and errors describe an option's type."""
     args = typing.get_args(tp)
     if args:  # Optional[X]
-        if value is None or (isinstance(value, str) and value in ("None", "none", "")):
-            if type(None) in args:
-                return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return coerce(name, a, value)
-            except UserError:
-                pass
-        raise UserError(f"--{name} expects {_type_name(tp)}, got {value!r}.")
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or None"
+    return _DESCRIPTIONS.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce_plain(tp: Any, value: Any) -> Any:
+    """value converted to bool/int/float/str, or raise ValueError."""
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -167,28 +158,20 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
             return True
         if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
             return False
-        raise UserError(f"--{name} expects True or False, got {value!r}.")
-    if tp is int:
-        if isinstance(value, bool):
-            raise UserError(f"--{name} expects an integer, got {value!r}.")
+    elif tp is int and not isinstance(value, bool):
         if isinstance(value, int):
             return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
         if isinstance(value, str):
             try:
                 return int(value.replace("_", ""))
             except ValueError:
                 try:
-                    f = float(value)
+                    value = float(value)  # 1e4 is a fine way to write 10000
                 except ValueError:
-                    f = None
-                if f is not None and f.is_integer():
-                    return int(f)
-        raise UserError(f"--{name} expects an integer, got {value!r}.")
-    if tp is float:
-        if isinstance(value, bool):
-            raise UserError(f"--{name} expects a number, got {value!r}.")
+                    pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float and not isinstance(value, bool):
         if isinstance(value, (int, float)):
             return float(value)
         if isinstance(value, str):
@@ -196,12 +179,23 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
                 return float(value)
             except ValueError:
                 pass
-        raise UserError(f"--{name} expects a number, got {value!r}.")
-    if tp is str:
+    elif tp is str:
         if isinstance(value, str):
             return value
-        raise UserError(f"--{name} expects a string, got {value!r}.")
-    raise TypeError(f"unsupported option type {tp} for {name}")  # a bug in an options dataclass
+    elif tp not in _DESCRIPTIONS:
+        raise TypeError(f"unsupported option type {tp}")  # a bug in an options dataclass
+    raise ValueError(value)
+
+
+def coerce(name: str, tp: Any, value: Any) -> Any:
+    """Convert `value` (a string from the command line, or a config-file value) to the field type."""
+    args = typing.get_args(tp)
+    if args and (value is None or (isinstance(value, str) and value in ("None", "none"))):
+        return None
+    try:
+        return _coerce_plain(args[0] if args else tp, value)
+    except ValueError:
+        raise UserError(f"--{name} expects {_type_name(tp)}, got {value!r}.") from None
 
 
 # ----------------------------------------------------------------------------- the parser

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -92,7 +92,11 @@ class TrainOptions:
     dtype: str = option(
         "auto", "auto (bfloat16 on recent GPUs, float16 on old ones, float32 elsewhere), float32, bfloat16, float16"
     )
-    compile: bool = option(True, "torch.compile the model (PyTorch 2): slower start, faster steps")
+    compile: Optional[bool] = option(
+        None,
+        "torch.compile the model: slower start, faster steps. None (auto) compiles on CUDA only; on CPUs "
+        "and mps it did not pay off (docs/performance.md)",
+    )
     seed: int = option(1337, "random seed (each DDP rank adds its rank)")
 
     def __post_init__(self) -> None:
@@ -355,7 +359,7 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
             return
 
     raw_model = model
-    if o.compile:
+    if o.compile if o.compile is not None else device_type == "cuda":
         if master:
             print("compiling the model... (takes a ~minute)")
         model = torch.compile(model)
