@@ -7,7 +7,9 @@
 Training: full steps (forward, backward, clip, AdamW) on random tokens after warm-up; median and
 spread in ms, tokens/s, FLOP/s and MFU against the device's peak (datasheet for known GPUs, a
 measured matmul for CPUs), peak memory. Generation: tokens/s with and without the KV cache at
-batch 1 and batch gen_batch. Weights are random: speed does not depend on them.
+batch 1 and batch gen_batch, and the seconds sample.py's default workload (10 samples x 500
+tokens) takes done nanoGPT's way (one by one, no cache) and ours (one batch, KV cache).
+Weights are random: speed does not depend on them.
 """
 
 from __future__ import annotations
@@ -52,6 +54,9 @@ class BenchOptions:
     warmup_steps: int = option(3, "untimed training steps first (compilation, allocator warm-up)")
     gen_tokens: int = option(100, "new tokens per generation run")
     gen_batch: int = option(10, "sequences in the batched generation runs")
+    sample_tokens: int = option(
+        500, "new tokens per sample in the sample.py workload (gen_batch samples); GPT-2 on a CPU uses a tenth"
+    )
     profile: bool = option(False, "run the PyTorch profiler over a few training steps and print the top operators")
     json: str = option("bench.json", "write all figures here as JSON ('' to skip)")
     seed: int = option(1337, "random seed")
@@ -60,8 +65,10 @@ class BenchOptions:
         unknown = [m for m in self.models.split(",") if m not in PRESETS]
         if unknown:
             raise UserError(f"unknown --models entry {unknown[0]!r}; choose among {', '.join(PRESETS)}.")
-        if self.train_steps < 1 or self.warmup_steps < 0 or self.gen_tokens < 1 or self.gen_batch < 1:
-            raise UserError("--train_steps, --gen_tokens and --gen_batch must be positive, --warmup_steps >= 0.")
+        if min(self.train_steps, self.gen_tokens, self.gen_batch, self.sample_tokens) < 1 or self.warmup_steps < 0:
+            raise UserError(
+                "--train_steps, --gen_tokens, --gen_batch and --sample_tokens must be positive, --warmup_steps >= 0."
+            )
 
 
 def _sync(device: str) -> None:
@@ -138,6 +145,32 @@ def bench_generate(model: GPT, batch: int, use_cache: bool, o: BenchOptions, dev
     return batch * o.gen_tokens / (time.perf_counter() - t0)
 
 
+@torch.no_grad()
+def bench_sample_workload(model: GPT, n: int, tokens: int, device: str, dtype: str) -> dict[str, float]:
+    """Seconds to generate what `sample.py` does by default (n samples of `tokens` tokens, top_k=200):
+    nanoGPT's way (one sample after another, the whole context recomputed for every token) and ours
+    (all samples in one batch, KV cache)."""
+    model.eval()
+    x = torch.zeros((1, 1), dtype=torch.long, device=device)
+    kwargs = dict(temperature=0.8, top_k=200)
+    out = {}
+    with autocast(device, dtype):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            model.generate(x, tokens, use_cache=False, **kwargs)
+        _sync(device)
+        out["sequential_nocache_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        model.generate(x.repeat(n, 1), tokens, use_cache=True, **kwargs)
+        _sync(device)
+        out["batched_cache_s"] = time.perf_counter() - t0
+    model.train()
+    out["speedup"] = out["sequential_nocache_s"] / out["batched_cache_s"]
+    out["samples"], out["tokens"] = n, tokens
+    return out
+
+
 def print_profile(step, device: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -184,6 +217,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             for b in (1, o.gen_batch)
             for c in (True, False)
         }
+        tokens = o.sample_tokens // 10 if slow_cpu else o.sample_tokens
+        r["sample_workload"] = bench_sample_workload(model, o.gen_batch, max(1, tokens), device, dtype)
         r["peak_memory_mb"] = peak_memory_mb(device)
         results["models"][name] = r
         t, g = r["train"], r["generate_tokens_per_s"]
@@ -195,6 +230,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         for key, tps in g.items():
             print(f"  generate  {key:<16} {tps:10,.0f} tok/s")
+        w = r["sample_workload"]
+        print(
+            f"  sample    {w['samples']} x {w['tokens']} tokens: one by one without cache (nanoGPT) "
+            f"{w['sequential_nocache_s']:.2f} s, batched with cache {w['batched_cache_s']:.2f} s "
+            f"({w['speedup']:.1f}x)"
+        )
         print(f"  peak memory {r['peak_memory_mb']:,.0f} MB")
         del model
     if o.json:
