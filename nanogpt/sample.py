@@ -51,7 +51,7 @@ class SampleOptions:
     dtype: str = option(
         "auto", "auto (bfloat16 on recent GPUs, float16 on old ones, float32 elsewhere), float32, bfloat16, float16"
     )
-    compile: bool = option(False, "torch.compile the model (pays off only for long generations)")
+    compile: bool = option(False, "torch.compile the forward pass (recompiles as the context grows; no gain on CPUs)")
     use_cache: bool = option(True, "use the KV cache; False recomputes the whole context for each token (nanoGPT)")
 
     def __post_init__(self) -> None:
