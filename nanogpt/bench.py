@@ -52,7 +52,7 @@ class BenchOptions:
     compile: bool = option(False, "torch.compile the model for the training steps")
     train_steps: int = option(20, "timed training steps (after warm-up); GPT-2 on a CPU uses a quarter")
     warmup_steps: int = option(3, "untimed training steps first (compilation, allocator warm-up)")
-    gen_tokens: int = option(100, "new tokens per generation run")
+    gen_tokens: int = option(100, "new tokens per generation run; GPT-2 on a CPU uses a quarter")
     gen_batch: int = option(10, "sequences in the batched generation runs")
     sample_tokens: int = option(
         500, "new tokens per sample in the sample.py workload (gen_batch samples); GPT-2 on a CPU uses a tenth"
@@ -131,18 +131,18 @@ def bench_train(model: GPT, batch_size: int, o: BenchOptions, device: str, dtype
 
 
 @torch.no_grad()
-def bench_generate(model: GPT, batch: int, use_cache: bool, o: BenchOptions, device: str, dtype: str) -> float:
-    """Tokens per second for `batch` sequences of gen_tokens new tokens from a 1-token prompt."""
+def bench_generate(model: GPT, batch: int, tokens: int, use_cache: bool, device: str, dtype: str) -> float:
+    """Tokens per second for `batch` sequences of `tokens` new tokens from a 1-token prompt."""
     model.eval()
     x = torch.zeros((batch, 1), dtype=torch.long, device=device)
     with autocast(device, dtype):
         model.generate(x, 2, use_cache=use_cache)  # warm-up
         _sync(device)
         t0 = time.perf_counter()
-        model.generate(x, o.gen_tokens, use_cache=use_cache, top_k=200)
+        model.generate(x, tokens, use_cache=use_cache, top_k=200)
         _sync(device)
     model.train()
-    return batch * o.gen_tokens / (time.perf_counter() - t0)
+    return batch * tokens / (time.perf_counter() - t0)
 
 
 @torch.no_grad()
@@ -209,11 +209,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         model = GPT(GPTConfig(**cfg.to_dict())).to(device)
         batch_size = o.batch_size or batch_size
         slow_cpu = name == "gpt2" and device == "cpu"
+        # GPT-2 124M on a CPU: a quarter of the steps and generated tokens, a tenth of the sample workload
         steps = max(2, o.train_steps // 4) if slow_cpu else o.train_steps
+        gen_tokens = max(1, o.gen_tokens // 4) if slow_cpu else o.gen_tokens
         r = {"params": model.get_num_params(), "config": cfg.to_dict()}
         r["train"] = bench_train(model, batch_size, o, device, dtype, steps)
         r["generate_tokens_per_s"] = {
-            f"batch{b}_{'cache' if c else 'nocache'}": bench_generate(model, b, c, o, device, dtype)
+            f"batch{b}_{'cache' if c else 'nocache'}": bench_generate(model, b, gen_tokens, c, device, dtype)
             for b in (1, o.gen_batch)
             for c in (True, False)
         }

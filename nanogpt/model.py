@@ -212,7 +212,7 @@ class GPT(nn.Module):
             logits = self.lm_head(x)  # (B, T, vocab_size)
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             return logits, loss
-        return self.lm_head(x[:, [-1], :]), None  # (B, 1, vocab_size); list index keeps the time dim
+        return self.lm_head(x[:, -1:, :]), None  # (B, 1, vocab_size)
 
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context window, e.g. to finetune GPT-2 (1024) with a smaller block_size."""
@@ -245,7 +245,7 @@ class GPT(nn.Module):
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
         return 6 * N + 12 * L * H * Q * T
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate_stream(
         self,
         idx: torch.Tensor,
@@ -289,7 +289,7 @@ class GPT(nn.Module):
             else:
                 logits, _ = self(nxt, cache=cache)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
         """Return idx (B, T) extended by max_new_tokens sampled tokens, (B, T + max_new_tokens)."""
         new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
@@ -323,4 +323,7 @@ def sample_next(
         drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    # argmax(p_i / E_i) with E_i ~ Exp(1) picks token i with probability p_i (the "exponential race"):
+    # the same distribution as torch.multinomial at half its cost, which matters one token at a time
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_(min=1e-30)
+    return (probs / race).argmax(dim=-1, keepdim=True)

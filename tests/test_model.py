@@ -327,3 +327,13 @@ def test_temperature_zero_is_argmax_and_rows_are_independent():
     assert sample_next(logits, temperature=0.0).flatten().tolist() == [1, 0, 2]
     out = sample_next(logits * 100, temperature=1.0, generator=torch.Generator().manual_seed(0))
     assert out.flatten().tolist() == [1, 0, 2]  # peaked distributions pick the argmax per row
+
+
+def test_sampling_follows_the_softmax_distribution():
+    """sample_next draws token i with probability softmax(logits / temperature)_i."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]]).repeat(40_000, 1)
+    for temperature in (1.0, 0.5):
+        draws = sample_next(logits, temperature=temperature, generator=torch.Generator().manual_seed(3))
+        freq = torch.bincount(draws.view(-1), minlength=5).float() / draws.numel()
+        expected = torch.softmax(logits[0] / temperature, dim=-1)
+        torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
