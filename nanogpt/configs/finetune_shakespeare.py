@@ -1,15 +1,15 @@
 # finetune OpenAI's GPT-2 XL (1.5B) on tiny Shakespeare, GPT-2 BPE tokens (data/shakespeare/prepare.py)
 # needs ~40 GB of GPU memory; see the README for smaller settings (init_from = 'gpt2', bfloat16, ...)
 
-out_dir = 'out-shakespeare'
+out_dir = "out-shakespeare"
 eval_interval = 5
 eval_iters = 40
-wandb_log = False # feel free to turn on
-wandb_project = 'shakespeare'
-wandb_run_name = 'ft-gpt2-xl'
+wandb_log = False  # feel free to turn on
+wandb_project = "shakespeare"
+wandb_run_name = "ft-gpt2-xl"
 
-dataset = 'shakespeare'
-init_from = 'gpt2-xl' # this is the largest GPT-2 model
+dataset = "shakespeare"
+init_from = "gpt2-xl"  # this is the largest GPT-2 model
 
 # only save checkpoints if the validation loss improves
 always_save_checkpoint = False

@@ -2,9 +2,9 @@
 # launch as the following (e.g. in a screen session) and wait ~5 days:
 # $ torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
 
-wandb_log = False # nanoGPT turns this on; set True after 'pip install wandb'
-wandb_project = 'owt'
-wandb_run_name = 'gpt2-124M'
+wandb_log = False  # nanoGPT turns this on; set True after 'pip install wandb'
+wandb_project = "owt"
+wandb_run_name = "gpt2-124M"
 
 # these make the total batch size be ~0.5M
 # 12 batch size * 1024 block size * 5 gradaccum * 8 GPUs = 491,520
