@@ -30,6 +30,7 @@ demo: setup
 
 test: setup
 	$(PY) -m ruff check nanogpt tests train.py sample.py bench.py data
+	$(PY) -m ruff format --check nanogpt tests train.py sample.py bench.py data
 	$(PY) -m pytest -q
 
 test-all: setup
