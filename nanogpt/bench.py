@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from nanogpt.config import option, parse_args
-from nanogpt.device import DTYPES, autocast, resolve_device, resolve_dtype
+from nanogpt.device import DTYPES, autocast, enable_tf32, resolve_device, resolve_dtype
 from nanogpt.errors import UserError, run_main
 from nanogpt.mfu import peak_flops
 from nanogpt.model import GPT, GPTConfig
@@ -189,9 +189,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = resolve_device(o.device)
     dtype = resolve_dtype(o.dtype, device)
     torch.manual_seed(o.seed)
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    enable_tf32(device)
     results: dict[str, Any] = {
         "device": device,
         "dtype": dtype,

@@ -27,7 +27,7 @@ from nanogpt.checkpoint import (
     tokenizer_from_checkpoint,
 )
 from nanogpt.config import option, parse_args
-from nanogpt.device import autocast, resolve_device, resolve_dtype
+from nanogpt.device import autocast, enable_tf32, resolve_device, resolve_dtype
 from nanogpt.errors import UserError, run_main
 from nanogpt.tokenizer import GPT2_EOT, GPT2Tokenizer, Tokenizer, tokenizer_from_spec
 
@@ -116,9 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = resolve_device(o.device)
     dtype = resolve_dtype(o.dtype, device)
     torch.manual_seed(o.seed)
-    if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    enable_tf32(device)
     model, tok = load_model(o)
     model.eval().to(device)
     if o.compile:  # compile the forward pass that generate() calls; dynamic shapes, as the context grows

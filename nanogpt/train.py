@@ -37,7 +37,7 @@ from nanogpt.checkpoint import (
 )
 from nanogpt.config import option, parse_args
 from nanogpt.data import TokenBatches, read_meta
-from nanogpt.device import DTYPES, autocast, resolve_device, resolve_dtype
+from nanogpt.device import DTYPES, autocast, enable_tf32, resolve_device, resolve_dtype
 from nanogpt.errors import UserError, run_main
 from nanogpt.mfu import peak_flops
 from nanogpt.model import GPT, GPTConfig
@@ -316,9 +316,7 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
     random.seed(o.seed + rank)
     np.random.seed(o.seed + rank)
     data_gen = torch.Generator().manual_seed(o.seed + rank)
-    if device_type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: ~free speed on Ampere+
-        torch.backends.cudnn.allow_tf32 = True
+    enable_tf32(device)
     ctx = autocast(device, dtype)
 
     data_dir = o.resolved_data_dir
