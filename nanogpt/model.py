@@ -57,7 +57,8 @@ class KVCache:
 
     Decoding with a cache (prefill the prompt once, then feed one token per step) turns generation
     from O(T^2) work per token into O(T): each new token attends to stored keys instead of
-    recomputing the whole prefix.
+    recomputing the whole prefix. The shapes never change and the fill position is a tensor, so a
+    `torch.compile`d forward pass compiles once for decoding instead of once per position.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
@@ -65,15 +66,25 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_head, config.block_size, hs)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.length = 0  # number of positions filled, the same for every layer once a forward pass ends
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # the next position to fill
+        self.slots = torch.arange(config.block_size, device=device)  # (S,) position of each cache slot
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new keys/values (B, nh, T, hs); return all keys/values so far."""
-        T = k.size(2)
-        self.k[layer, :, :, self.length : self.length + T] = k
-        self.v[layer, :, :, self.length : self.length + T] = v
-        end = self.length + T
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    @property
+    def length(self) -> int:
+        """Number of positions filled (reads the device: for tests and callers, not the hot path)."""
+        return int(self.pos)
+
+    def reset(self) -> None:
+        self.pos.zero_()
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this layer's new keys/values (B, nh, T, hs) at `positions` (T,); return the whole
+        cache of this layer, (B, nh, block_size, hs): slots not yet filled are masked out by the caller."""
+        self.k[layer].index_copy_(2, positions, k)
+        self.v[layer].index_copy_(2, positions, v)
+        return self.k[layer], self.v[layer]
 
 
 class CausalSelfAttention(nn.Module):
@@ -89,7 +100,7 @@ class CausalSelfAttention(nn.Module):
         self.n_embd = config.n_embd
         self.dropout = config.dropout
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         hs = C // self.n_head
@@ -97,16 +108,9 @@ class CausalSelfAttention(nn.Module):
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         if cache is not None:
-            past = cache.length
-            k, v = cache.update(self.layer_idx, k, v)  # (B, nh, past + T, hs)
-            if past == 0:
-                attn_mask, is_causal = None, True
-            elif T == 1:
-                attn_mask, is_causal = None, False  # one new token may look at everything before it
-            else:
-                # query i (absolute position past + i) sees keys 0 .. past + i
-                attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-                is_causal = False
+            k, v = cache.update(self.layer_idx, k, v, pos)  # (B, nh, block_size, hs)
+            # query at absolute position p sees the cache slots 0..p: causal, and blind to unfilled slots
+            attn_mask, is_causal = pos[:, None] >= cache.slots[None, :], False  # (T, block_size)
         else:
             attn_mask, is_causal = None, True
         # scaled dot-product attention (Vaswani et al. 2017); PyTorch picks a fused kernel
@@ -140,8 +144,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, pos)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -196,17 +200,20 @@ class GPT(nn.Module):
         all generation needs and it skips most of the lm_head work.
         """
         B, T = idx.size()
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"cannot forward {start + T} positions, block_size is {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        if T > self.config.block_size:
+            raise ValueError(f"cannot forward {T} positions, block_size is {self.config.block_size}")
+        pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
+        if cache is not None:
+            # the caller keeps cache.length + T <= block_size (generate does); checking here would
+            # read the position back from the device at every step
+            pos = pos + cache.pos
         tok_emb = self.transformer.wte(idx)  # (B, T, n_embd)
         pos_emb = self.transformer.wpe(pos)  # (T, n_embd)
         x = self.transformer.drop(tok_emb + pos_emb)
         for block in self.transformer.h:
-            x = block(x, cache)
+            x = block(x, cache, pos)
         if cache is not None:
-            cache.length += T
+            cache.pos += T
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)  # (B, T, vocab_size)
@@ -276,18 +283,21 @@ class GPT(nn.Module):
         cache = KVCache(self.config, idx.size(0), param.device, param.dtype)
         context = idx[:, -block_size:]
         logits, _ = self(context, cache=cache)  # prefill
+        filled = context.size(1)  # = cache.length, counted here so the loop never waits on the device
         for i in range(max_new_tokens):
             nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
             yield nxt
             if i == max_new_tokens - 1:
                 break
             context = torch.cat((context, nxt), dim=1)
-            if cache.length == block_size:  # full: keep the newest half and re-encode it
+            if filled == block_size:  # full: keep the newest half and re-encode it
                 context = context[:, -(block_size // 2 + 1) :]
-                cache.length = 0
+                cache.reset()
                 logits, _ = self(context, cache=cache)
+                filled = context.size(1)
             else:
                 logits, _ = self(nxt, cache=cache)
+                filled += 1
 
     @torch.inference_mode()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
