@@ -94,14 +94,17 @@ def bench_train(model: GPT, batch_size: int, o: BenchOptions, device: str, dtype
     gen = torch.Generator().manual_seed(o.seed)
     data = torch.randint(cfg.vocab_size, (batch_size * 8, cfg.block_size + 1), generator=gen).to(device)
     ctx = autocast(device, dtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # as train.py does
 
     def step(i: int) -> None:
         xy = data[(i % 8) * batch_size : (i % 8 + 1) * batch_size]
         with ctx:
             _, loss = step_model(xy[:, :-1], xy[:, 1:])
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
 
     for i in range(o.warmup_steps):
@@ -187,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     o, _ = parse_args(BenchOptions, argv, "python bench.py", __doc__ or "")
     device = resolve_device(o.device)
-    dtype = resolve_dtype(o.dtype, device)
+    dtype = resolve_dtype(o.dtype, device, training=True)
     torch.manual_seed(o.seed)
     enable_tf32(device)
     results: dict[str, Any] = {

@@ -50,8 +50,26 @@ def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
+def nonfinite_weights(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity (one device sync in all)."""
+    names = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()]
+    if not names:
+        return []
+    finite = torch.stack([torch.isfinite(state_dict[k]).all().cpu() for k in names]).tolist()
+    return [k for k, ok in zip(names, finite) if not ok]
+
+
 def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:
-    """Write ckpt to path atomically: a crash mid-save leaves the previous file intact."""
+    """Write ckpt to path atomically: a crash mid-save leaves the previous file intact. Weights with
+    NaN or infinite values are never written: they would replace a good checkpoint with a useless one."""
+    bad = nonfinite_weights(ckpt["model"])
+    if bad:
+        raise UserError(
+            f"not writing {path}: the model's weights hold NaN or infinite values ({bad[0]}"
+            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}), so training has diverged; the previous "
+            "checkpoint, if any, is unchanged. Usual causes: a learning rate too high (try --learning_rate 3x lower, "
+            "or a longer --warmup_iters) or float16 without loss scaling (use --dtype=bfloat16 or float32)."
+        )
     ckpt = {"format_version": FORMAT_VERSION, **ckpt}
     try:
         with atomic_open(path) as f:
@@ -141,15 +159,23 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                 "as unpickling them could run arbitrary code. Only load checkpoints from sources you trust, and "
                 "save them as plain dicts of tensors."
             ) from None
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        # torch's own messages for a torn archive are long and cut mid-sentence: say what we know instead
+        what = "is damaged" if zipfile.is_zipfile(path) else "is truncated"
         raise UserError(
-            f"the checkpoint {path} is damaged or not a PyTorch checkpoint ({first}). Restore it from a backup "
-            "or train again; nanogpt writes checkpoints atomically, so this usually means the file was "
-            "copied incompletely."
+            f"the checkpoint {path} {what} or is not a PyTorch checkpoint, so it cannot be read. Restore it from a "
+            "backup or train again. nanogpt writes checkpoints atomically, so a damaged one usually means the file "
+            "was copied incompletely."
         ) from None
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} is not a nanogpt checkpoint (it holds a {type(ckpt).__name__}).")
-    return _migrate(ckpt, path)
+    ckpt = _migrate(ckpt, path)
+    bad = nonfinite_weights(ckpt["model"])
+    if bad:
+        raise UserError(
+            f"the checkpoint {path} holds NaN or infinite weights ({bad[0]}): the run that wrote it had diverged. "
+            "Use an earlier checkpoint, or train again with a lower --learning_rate."
+        )
+    return ckpt
 
 
 def _entry_failing_crc(path: Path) -> str | None:

@@ -42,8 +42,14 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def resolve_dtype(requested: str, device: str) -> str:
-    """'auto' is bfloat16 on CUDA GPUs that support it, float16 on older ones, float32 elsewhere."""
+def resolve_dtype(requested: str, device: str, training: bool = False) -> str:
+    """'auto' is bfloat16 on CUDA GPUs that support it, float16 on older ones, float32 elsewhere.
+
+    Every device accepts every dtype for inference. On CPUs without bfloat16/float16 units (before
+    AVX-512 BF16 / AMX) mixed precision is emulated and slow, but it runs, which is how the test suite
+    checks the GPU's autocast paths on a machine without a GPU. Training in float16 needs loss
+    scaling (GradScaler), which PyTorch does not support on every version of the mps backend, so
+    float16 training on mps is refused rather than run unscaled."""
     kind = device.split(":")[0]
     if requested == "auto":
         if kind == "cuda":
@@ -53,8 +59,12 @@ def resolve_dtype(requested: str, device: str) -> str:
         raise UserError(f"unknown --dtype={requested!r}. Use auto, float32, bfloat16 or float16.")
     if requested == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("--dtype=bfloat16 is not supported by this GPU (it needs Ampere or newer); use float16.")
-    if requested == "float16" and kind == "cpu":
-        raise UserError("--dtype=float16 is not supported on the CPU; use bfloat16 or float32.")
+    if requested == "float16" and kind == "mps" and training:
+        raise UserError(
+            "--dtype=float16 training on mps is not supported: float16 gradients underflow without loss scaling, "
+            "and PyTorch's GradScaler does not support mps in every version. Use --dtype=bfloat16 (Apple M2 or "
+            "newer) or --dtype=float32."
+        )
     return requested
 
 

@@ -81,10 +81,20 @@ class KVCache:
         self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this layer's new keys/values (B, nh, T, hs) at `positions` (T,); return the whole
-        cache of this layer, (B, nh, block_size, hs): slots not yet filled are masked out by the caller."""
-        self.k[layer].index_copy_(2, positions, k)
-        self.v[layer].index_copy_(2, positions, v)
+        cache of this layer, (B, nh, block_size, hs): slots not yet filled are masked out by the caller.
+        Keys and values are stored in the cache's dtype (a no-op when they already have it)."""
+        self.k[layer].index_copy_(2, positions, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, positions, v.to(self.v.dtype))
         return self.k[layer], self.v[layer]
+
+
+def activation_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the Linear layers produce right now: autocast's when mixed precision is on for the
+    weights' device (bfloat16 or float16), else the weights' own."""
+    device_type = weight.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
 
 
 class CausalSelfAttention(nn.Module):
@@ -280,7 +290,10 @@ class GPT(nn.Module):
                 yield nxt
             return
         param = self.lm_head.weight
-        cache = KVCache(self.config, idx.size(0), param.device, param.dtype)
+        # The cache holds keys and values in the dtype the attention projections produce: bfloat16 or
+        # float16 under autocast, so it takes half the memory and loses nothing (k and v were computed
+        # in that precision); the queries meet them in the same dtype, as in full recomputation.
+        cache = KVCache(self.config, idx.size(0), param.device, activation_dtype(param))
         context = idx[:, -block_size:]
         logits, _ = self(context, cache=cache)  # prefill
         filled = context.size(1)  # = cache.length, counted here so the loop never waits on the device
@@ -319,9 +332,13 @@ def sample_next(
     smallest set of most likely tokens whose probability reaches p (nucleus sampling, Holtzman et
     al. 2020). Both filter before sampling, so a token outside the kept set is never drawn.
     """
+    # Under autocast the logits arrive in bfloat16/float16. The softmax, the cumulative sum of top_p
+    # and the sampling race run in float32: in 16 bits the small probabilities of a 50k vocabulary
+    # round to zero and a cumulative sum drifts by more than top_p's resolution.
+    logits = logits.float()
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
-    logits = logits.float() / temperature
+    logits = logits / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -27,8 +27,9 @@ from nanogpt.checkpoint import (
     tokenizer_from_checkpoint,
 )
 from nanogpt.config import option, parse_args
-from nanogpt.device import autocast, enable_tf32, resolve_device, resolve_dtype
+from nanogpt.device import DTYPES, autocast, enable_tf32, resolve_device, resolve_dtype
 from nanogpt.errors import UserError, run_main
+from nanogpt.memory import SAMPLE_ADVICE, generation_bytes, is_out_of_memory, out_of_memory, require
 from nanogpt.tokenizer import GPT2_EOT, GPT2Tokenizer, Tokenizer, tokenizer_from_spec
 
 SEPARATOR = "---------------"
@@ -124,6 +125,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     if o.compile:  # the forward pass generate() calls; the static-shape KV cache keeps it to a few graphs
         model.forward = torch.compile(model.forward)
     ids = encode_prompt(tok, read_prompt(o.start))
+    need = generation_bytes(model.config, o.num_samples, len(ids), o.max_new_tokens, DTYPES[dtype], o.use_cache)
+    require(need, device, f"generating {o.num_samples} x {o.max_new_tokens} tokens", SAMPLE_ADVICE)
+    try:
+        generate(model, tok, ids, o, device, dtype)
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(e):
+            raise
+        raise out_of_memory(device, SAMPLE_ADVICE) from None
+
+
+def generate(model, tok: Tokenizer, ids: list[int], o: SampleOptions, device: str, dtype: str) -> None:
+    """Print o.num_samples continuations of the prompt `ids`."""
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, :].repeat(o.num_samples, 1)
     kwargs = dict(temperature=o.temperature, top_k=o.top_k, top_p=o.top_p, use_cache=o.use_cache)
     with torch.no_grad(), autocast(device, dtype):

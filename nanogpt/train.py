@@ -39,6 +39,7 @@ from nanogpt.config import option, parse_args
 from nanogpt.data import TokenBatches, read_meta
 from nanogpt.device import DTYPES, autocast, enable_tf32, resolve_device, resolve_dtype
 from nanogpt.errors import UserError, run_main
+from nanogpt.memory import TRAIN_ADVICE, is_out_of_memory, out_of_memory, require, training_bytes
 from nanogpt.mfu import peak_flops
 from nanogpt.model import GPT, GPTConfig
 
@@ -90,7 +91,9 @@ class TrainOptions:
     backend: str = option("auto", "DDP backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo")
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: str = option(
-        "auto", "auto (bfloat16 on recent GPUs, float16 on old ones, float32 elsewhere), float32, bfloat16, float16"
+        "auto",
+        "auto (bfloat16 on recent GPUs, float16 with loss scaling on old ones, float32 elsewhere), float32, "
+        "bfloat16, float16; on CPUs without bf16/fp16 units the 16-bit types are emulated and slow",
     )
     compile: Optional[bool] = option(
         None,
@@ -308,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
     device_type = device.split(":")[0]
-    dtype = resolve_dtype(o.dtype, device)
+    dtype = resolve_dtype(o.dtype, device, training=True)
     tokens_per_iter = grad_accum * world * o.batch_size * o.block_size
     if master:
         print(f"tokens per iteration will be: {tokens_per_iter:,}")
@@ -335,9 +338,14 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
 
         tokenizer_spec = tokenizer_spec_for(o.init_from)
     model.to(device)
+    if not o.eval_only:
+        need = training_bytes(model.config, sum(p.numel() for p in model.parameters()), o.batch_size, DTYPES[dtype])
+        require(need, device, f"a training step of --batch_size={o.batch_size}", TRAIN_ADVICE)
 
-    # GradScaler only does something for float16 on CUDA, where small gradients would underflow
-    scaler = torch.amp.GradScaler("cuda", enabled=(dtype == "float16" and device_type == "cuda"))
+    # float16 gradients underflow to zero below ~6e-8: the GradScaler multiplies the loss before backward
+    # and divides the gradients before the step, skipping steps whose gradients overflowed (Micikevicius
+    # et al. 2018, "Mixed Precision Training"). bfloat16 has float32's range and needs no scaling.
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     optimizer = model.configure_optimizer(o.weight_decay, o.learning_rate, (o.beta1, o.beta2), device_type)
     iter_num, best_val_loss, skip_eval_at, saved_rng = 0, 1e9, None, None
     if ckpt is not None:
@@ -414,7 +422,9 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
         leave=False,
     )
     log = bar.write if not bar.disable else print
-    guard_nonfinite = not scaler.is_enabled()  # with float16, GradScaler skips steps with inf/NaN instead
+    # A non-finite loss means the forward pass diverged, whatever the dtype: the GradScaler handles
+    # overflowing gradients, not a NaN loss. The first bad iteration is remembered on the device (no
+    # host sync per micro-step) and checked whenever the loop syncs anyway: at logging, evaluation and exit.
     first_bad_iter = torch.full((), -1, dtype=torch.long, device=device)
     t0 = time.time()
     local_iter, running_mfu = 0, -1.0
@@ -441,9 +451,9 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
 
-                if iter_num % o.eval_interval == 0 and iter_num != skip_eval_at:
-                    if guard_nonfinite:
-                        check_finite()
+                # eval_only evaluates whatever the iteration: a finished checkpoint is rarely at a multiple
+                if o.eval_only or (iter_num % o.eval_interval == 0 and iter_num != skip_eval_at):
+                    check_finite()
                     losses = estimate_loss(model, batches, o, device, ctx, o.seed)
                     if master:
                         log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -482,10 +492,8 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
                     with no_sync, ctx:
                         _, loss = model(x, y)
                         loss = loss / grad_accum  # the mean over micro-batches, not the sum
-                    scaler.scale(loss).backward()
-                if guard_nonfinite:
-                    # remember the first non-finite iteration on the device: no host sync here
                     first_bad_iter.masked_fill_(~torch.isfinite(loss.detach()) & (first_bad_iter < 0), iter_num)
+                    scaler.scale(loss).backward()
                 if o.grad_clip != 0.0:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
@@ -497,8 +505,7 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
                 dt, t0 = t1 - t0, t1
                 if iter_num % o.log_interval == 0 and master:
                     lossf = loss.item() * grad_accum  # .item() syncs with the device, so only at log time
-                    if guard_nonfinite:
-                        check_finite()
+                    check_finite()
                     if local_iter >= 5:  # let the first iterations (compilation, warm-up) pass
                         mfu = flops_per_iter / dt / peak
                         running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
@@ -510,8 +517,7 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
                 if iter_num > o.max_iters:
                     break
                 if stop.signal_name is not None:
-                    if guard_nonfinite:
-                        check_finite()
+                    check_finite()
                     if master:
                         save_checkpoint(out_dir / INTERRUPT_NAME, checkpoint("interrupt"))
                         bar.close()
@@ -521,14 +527,11 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
                             file=sys.stderr,
                         )
                     raise SystemExit(130 if stop.signal_name == "SIGINT" else 143)
-            if guard_nonfinite:
-                check_finite()  # the last iterations may not have been logged
-        except torch.OutOfMemoryError:
-            raise UserError(
-                "the GPU ran out of memory. Ways down: a smaller --batch_size with more --gradient_accumulation_steps "
-                "(same tokens per step), a smaller --block_size, a smaller model (gpt2 instead of gpt2-xl), "
-                "--dtype=bfloat16, or --compile=True. Finetuning gpt2-xl needs about 40 GB."
-            ) from None
+            check_finite()  # the last iterations may not have been logged
+        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            if not is_out_of_memory(e):
+                raise
+            raise out_of_memory(device, TRAIN_ADVICE) from None
         finally:
             bar.close()
     if wandb:

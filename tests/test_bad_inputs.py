@@ -154,7 +154,10 @@ OPTION_CASES = {
     "beta2 of 1": (["--beta2=1"], ["--beta2 must be in [0, 1)"]),
     "unknown device": (["--device=tpu"], ["unknown --device='tpu'"]),
     "no mps here": (["--device=mps"], ["--device=mps", "not available"]),
-    "float16 on the CPU": (["--dtype=float16"], ["--dtype=float16 is not supported", "CPU"]),
+    "a batch larger than memory": (
+        ["--batch_size=100000000"],
+        ["a training step of --batch_size=100000000 needs at least", "GB", "--gradient_accumulation_steps"],
+    ),
     "unknown dtype": (["--dtype=float8"], ["unknown --dtype='float8'"]),
 }
 
@@ -195,6 +198,15 @@ def test_auto_dtype_on_an_old_gpu_is_float16(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert resolve_dtype("auto", "cuda") == "float16"
+
+
+def test_float16_training_on_mps_is_refused_and_sampling_is_not():
+    from nanogpt.device import resolve_dtype
+    from nanogpt.errors import UserError
+
+    with pytest.raises(UserError, match="float16 training on mps is not supported.*--dtype=bfloat16"):
+        resolve_dtype("float16", "mps", training=True)
+    assert resolve_dtype("float16", "mps") == "float16"
 
 
 def test_bfloat16_on_the_cpu_is_supported(work):
@@ -311,13 +323,21 @@ SAMPLE_CASES = {
     "FILE: prompt missing": (None, ["--start=FILE:nope.txt"], ["the prompt file nope.txt", "does not exist"]),
     "FILE: prompt not UTF-8": (write("p.txt", "été".encode("latin-1")), ["--start=FILE:p.txt"], ["not UTF-8"]),
     "checkpoint missing": (remove(CKPT), [], ["no checkpoint at out/ckpt.pt"]),
-    "checkpoint cut in half": (cut_in_half(CKPT), [], ["out/ckpt.pt is damaged"]),
+    "checkpoint cut in half": (
+        cut_in_half(CKPT),
+        [],
+        ["out/ckpt.pt is truncated or is not a PyTorch checkpoint, so it cannot be read. Restore it"],
+    ),
     "checkpoint silently corrupted": (zero_middle(CKPT), [], ["checksum"]),
     "block_size is not a sampling option": (None, ["--block_size=64"], ["unknown option 'block_size'"]),
     "zero samples": (None, ["--num_samples=0"], ["--num_samples must be at least 1"]),
     "negative temperature": (None, ["--temperature=-1"], ["--temperature must be >= 0"]),
     "top_p above 1": (None, ["--top_p=2"], ["--top_p must be in (0, 1]"]),
-    "float16 on the CPU": (None, ["--dtype=float16"], ["--dtype=float16 is not supported"]),
+    "more tokens than memory holds": (
+        None,
+        ["--num_samples=3000000", "--max_new_tokens=3000000"],
+        ["generating 3000000 x 3000000 tokens needs at least", "KV cache", "fewer --num_samples"],
+    ),
 }
 
 

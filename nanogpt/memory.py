@@ -1,0 +1,136 @@
+"""Memory: what a training step or a generation request needs, what the device has, and the
+message when it does not fit.
+
+The estimates are deliberately low (they count only the largest buffers), so a request is refused
+before allocating only when it certainly cannot fit. What slips through and runs out of memory
+anyway is caught where it happens and turned into the same kind of message (`out_of_memory`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from nanogpt.errors import UserError
+from nanogpt.model import GPTConfig
+
+TRAIN_ADVICE = (
+    "Ways down: a smaller --batch_size with more --gradient_accumulation_steps (same tokens per step), a "
+    "smaller --block_size, a smaller model (gpt2 instead of gpt2-xl), --dtype=bfloat16, or --compile=True. "
+    "Finetuning gpt2-xl needs about 40 GB."
+)
+SAMPLE_ADVICE = (
+    "Ways down: fewer --num_samples (they are generated together as one batch), fewer --max_new_tokens, "
+    "or --dtype=bfloat16 (half the memory for the KV cache)."
+)
+
+
+def _device_name(device: str) -> str:
+    kind = device.split(":")[0]
+    return {"cuda": f"the GPU ({device})", "mps": "the Apple GPU (mps)"}.get(kind, "the CPU")
+
+
+def _host_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo, capped by the cgroup v2 limit of a container; None where unknown."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in meminfo.splitlines() if ":" in line)
+    if "MemAvailable" not in fields:
+        return None
+    available = int(fields["MemAvailable"].split()[0]) * 1024
+    cgroup = Path("/sys/fs/cgroup")
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            used = int((cgroup / "memory.current").read_text())
+            available = min(available, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 memory controller: MemAvailable stands
+    return available
+
+
+def available_bytes(device: str) -> int | None:
+    """Memory this process could still allocate on `device`, or None where it cannot be known."""
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        dev = torch.device(device)
+        free, _ = torch.cuda.mem_get_info(dev)
+        # memory PyTorch's caching allocator holds but does not use is free for our next tensors
+        return free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+    if kind == "mps":
+        if not hasattr(torch.mps, "recommended_max_memory"):
+            return None
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    return _host_available_bytes() if os.name == "posix" else None
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:,.1f} GB" if n >= 2**28 else f"{n / 2**20:,.0f} MB"
+
+
+def require(parts: dict[str, int], device: str, what: str, advice: str) -> None:
+    """Raise a UserError when the buffers in `parts` (name -> bytes) cannot fit in what `device` has left."""
+    available = available_bytes(device)
+    need = sum(parts.values())
+    if available is None or need <= available:
+        return
+    detail = ", ".join(f"{name} {_gb(n)}" for name, n in parts.items() if n >= 2**20)
+    raise UserError(
+        f"{what} needs at least {_gb(need)} of memory ({detail}) but {_device_name(device)} has "
+        f"{_gb(available)} available, so it would fail part-way. {advice}"
+    )
+
+
+def _bytes_per_element(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits // 8
+
+
+def generation_bytes(
+    config: GPTConfig, batch: int, prompt_len: int, max_new_tokens: int, dtype: torch.dtype, use_cache: bool
+) -> dict[str, int]:
+    """Lower bound of the memory `GPT.generate` needs beyond the weights. `dtype` is the activations'
+    (the autocast dtype, or the weights')."""
+    act = _bytes_per_element(dtype)
+    C, T = config.n_embd, min(prompt_len + max_new_tokens, config.block_size)
+    parts = {
+        # the prompts, each new token and the concatenated result (int64)
+        "token ids": 2 * batch * (prompt_len + max_new_tokens) * 8,
+        # float32 logits of the last position, their probabilities and the sampling race
+        "logits": 3 * batch * config.vocab_size * 4,
+        # one layer's widest tensor for the longest forward pass: the MLP's hidden layer
+        "activations": batch * T * 4 * C * act,
+    }
+    if use_cache:
+        parts["KV cache"] = 2 * config.n_layer * batch * config.block_size * C * act
+    return parts
+
+
+def training_bytes(config: GPTConfig, n_params: int, batch_size: int, dtype: torch.dtype) -> dict[str, int]:
+    """Lower bound of the memory one training step needs beyond the weights (float32 master weights)."""
+    act = _bytes_per_element(dtype)
+    tokens = batch_size * config.block_size
+    return {
+        "gradients": 4 * n_params,
+        "AdamW moments": 8 * n_params,
+        # per layer and token, backward keeps at least the inputs of c_attn, c_proj, c_fc and the MLP's
+        # 4x-wide hidden activation: ~8 x n_embd values (Korthikanti et al. 2022 count ~17 x n_embd)
+        "activations": config.n_layer * tokens * 8 * config.n_embd * act,
+        # the logits, and their float32 softmax in the cross-entropy's forward and backward
+        "logits": tokens * config.vocab_size * (act + 8),
+    }
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A failed allocation: CUDA/MPS raise torch.OutOfMemoryError, PyTorch's CPU allocator a RuntimeError."""
+    if isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())
+
+
+def out_of_memory(device: str, advice: str) -> UserError:
+    return UserError(f"{_device_name(device)} ran out of memory. {advice}")
