@@ -242,10 +242,18 @@ DATA_CASES = {
         ["meta.json is damaged", "27-token vocabulary"],
     ),
     "checkpoint missing": (remove(CKPT), RESUME, ["no checkpoint at out/ckpt.pt"]),
-    "checkpoint cut in half": (cut_in_half(CKPT), RESUME, ["out/ckpt.pt is damaged"]),
-    "checkpoint truncated by one byte": (truncate_odd(CKPT), RESUME, ["out/ckpt.pt is damaged"]),
+    "checkpoint cut in half": (cut_in_half(CKPT), RESUME, ["out/ckpt.pt is truncated or is not a PyTorch checkpoint"]),
+    "checkpoint truncated by one byte": (
+        truncate_odd(CKPT),
+        RESUME,
+        ["out/ckpt.pt is truncated or is not a PyTorch checkpoint"],
+    ),
     "checkpoint silently corrupted": (zero_middle(CKPT), RESUME, ["out/ckpt.pt is damaged", "checksum"]),
-    "checkpoint is text": (write(CKPT, b"not a checkpoint\n"), RESUME, ["out/ckpt.pt is damaged"]),
+    "checkpoint is text": (
+        write(CKPT, b"not a checkpoint\n"),
+        RESUME,
+        ["out/ckpt.pt is truncated or is not a PyTorch checkpoint"],
+    ),
     "checkpoint holds a tensor": (save_tensor(CKPT), RESUME, ["not a nanogpt checkpoint"]),
     "larger block_size than the checkpoint": (
         None,

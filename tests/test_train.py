@@ -381,3 +381,71 @@ def test_out_of_memory_prints_the_ways_down(
     )
     assert code == 2 and "Traceback" not in err
     assert "ran out of memory" in err and "--batch_size" in err and "--block_size" in err and "bfloat16" in err
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+def poison_micro_step(monkeypatch, at_call: int, then_sigterm: bool = False) -> None:
+    """Make the loss of the `at_call`-th training forward pass (counting from 0) NaN, as a diverging
+    forward pass would; the NaN gradients then poison the weights at that iteration's step."""
+    from nanogpt.model import GPT
+
+    real_forward, calls = GPT.forward, []
+
+    def forward(self, idx, targets=None, cache=None):
+        logits, loss = real_forward(self, idx, targets, cache)
+        if self.training:
+            calls.append(1)
+            if len(calls) == at_call + 1:
+                loss = loss * float("nan")
+                if then_sigterm:
+                    signal.raise_signal(signal.SIGTERM)  # caught by the run: stop after this iteration
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward)
+
+
+def test_nonfinite_loss_in_an_early_micro_step_names_its_iteration(
+    prepare_char_dataset, tiny_model_args, run_in_process, tmp_path, monkeypatch
+):
+    """Iteration 3's first of 2 micro-steps diverges; its last is still finite (the weights change only
+    at the step). The error names iteration 3 and no checkpoint is written after it."""
+    data_dir = prepare_char_dataset()
+    out_dir = tmp_path / "out"
+    poison_micro_step(monkeypatch, at_call=2 * 3)
+    argv = [*tiny_model_args, f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--gradient_accumulation_steps=2"]
+    code, _, err = run_in_process(train_main, [*argv, "--max_iters=6", "--eval_interval=5", "--log_interval=100"])
+    assert code == 2 and "Traceback" not in err
+    assert "the training loss became NaN or infinite at iteration 3;" in " ".join(err.split())
+    assert not (out_dir / "ckpt.pt").exists()  # the evaluation at 5 never came
+
+
+def test_sigterm_after_divergence_writes_no_interrupt_checkpoint(
+    prepare_char_dataset, tiny_model_args, run_in_process, tmp_path, monkeypatch
+):
+    data_dir = prepare_char_dataset()
+    out_dir = tmp_path / "out"
+    argv = [*tiny_model_args, f"--data_dir={data_dir}", f"--out_dir={out_dir}", "--gradient_accumulation_steps=2"]
+    assert run_in_process(train_main, [*argv, "--max_iters=2", "--eval_interval=2"])[0] == 0
+    before = (out_dir / "ckpt.pt").read_bytes()
+    poison_micro_step(monkeypatch, at_call=0, then_sigterm=True)  # the resumed run's first micro-step
+    code, _, err = run_in_process(train_main, [*argv, "--max_iters=6", "--eval_interval=2", "--init_from=resume"])
+    assert code == 2 and "NaN or infinite at iteration 2;" in " ".join(err.split())  # resumed at 2
+    assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt"]
+    assert (out_dir / "ckpt.pt").read_bytes() == before
+
+
+def test_eval_only_resume_of_a_finished_checkpoint_prints_its_losses(
+    prepare_char_dataset, tiny_model_args, tmp_path, capsys
+):
+    """The checkpoint is at iteration 4; the default eval_interval (2000) does not divide it."""
+    data_dir = prepare_char_dataset()
+    train(tiny_model_args, data_dir, tmp_path / "out", "--max_iters=4", "--eval_interval=2")
+    before = (tmp_path / "out" / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+    train(tiny_model_args, data_dir, tmp_path / "out", "--init_from=resume", "--eval_only=True")
+    out = capsys.readouterr().out
+    assert list(eval_losses(out)) == [4]
+    assert not ITER.search(out)
+    assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
