@@ -29,8 +29,8 @@ demo: setup
 	$(PY) sample.py --out_dir=out-shakespeare-char --device=cpu --num_samples=3 --max_new_tokens=300
 
 test: setup
-	$(PY) -m ruff check nanogpt tests train.py sample.py bench.py data
-	$(PY) -m ruff format --check nanogpt tests train.py sample.py bench.py data
+	$(PY) -m ruff check nanogpt tests scripts train.py sample.py bench.py data
+	$(PY) -m ruff format --check nanogpt tests scripts train.py sample.py bench.py data
 	$(PY) -m pytest -q
 
 test-all: setup

@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from nanogpt import export, hf, sample, train  # noqa: E402
 from nanogpt.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from nanogpt.device import autocast  # noqa: E402
 from nanogpt.errors import UserError  # noqa: E402
 from nanogpt.hf import CHAR_VOCAB_NAME, export_hf, load_pretrained_gpt2, tokenizer_spec_for  # noqa: E402
 from nanogpt.model import GPT, GPTConfig  # noqa: E402
@@ -113,6 +114,27 @@ def test_loaded_model_gives_hf_logits(hf_folder):
     assert expected.abs().max() > 1.0  # the weights are far from init, so the comparison means something
     torch.testing.assert_close(full, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(last, expected[:, [-1], :], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_loaded_model_gives_hf_logits_under_autocast(hf_folder, dtype):
+    """The GPT-2 path on a GPU runs under autocast: there too our logits are HF's, up to 16-bit rounding."""
+    ref = hf_model(hf_folder)
+    ours = load_pretrained_gpt2(str(hf_folder)).eval()
+    idx = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact = ref(idx).logits
+        with autocast("cpu", dtype):
+            expected, full, (last, _) = ref(idx).logits, all_logits(ours, idx), ours(idx)
+    assert full.dtype == last.dtype == getattr(torch, dtype)  # the autocast really ran in 16 bits
+    scale = exact.abs().max().item()
+    # both sides round differently from float32 by a few units of the 16-bit format...
+    eps = torch.finfo(getattr(torch, dtype)).eps
+    assert (expected.float() - exact).abs().max().item() > 0
+    # ...and our error is of the same order as HF's own
+    ours_error = (full.float() - exact).abs().max().item()
+    assert ours_error <= max(2 * (expected.float() - exact).abs().max().item(), 8 * eps * scale)
+    torch.testing.assert_close(last.float(), full[:, -1:].float(), atol=4 * eps * scale, rtol=0)
 
 
 def test_greedy_generation_matches_hf_with_and_without_cache(hf_folder):
@@ -364,7 +386,9 @@ def offline_gpt2_bpe(monkeypatch):
     gpt2_encoding.cache_clear()
 
 
-def test_finetune_sample_and_export_a_hf_folder(hf_gpt2_vocab_folder, tmp_path, capsys, offline_gpt2_bpe):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_finetune_sample_and_export_a_hf_folder(hf_gpt2_vocab_folder, tmp_path, capsys, offline_gpt2_bpe, dtype):
+    """The GPT-2 path end to end, in float32 and under bfloat16 autocast (the CUDA default)."""
     data = tmp_path / "data"
     data.mkdir()
     pattern = np.array([5, 17, 42, 8, 99, 23, 61, 0, 77, 31], dtype=np.uint16)  # easy to learn: a fixed cycle
@@ -372,7 +396,7 @@ def test_finetune_sample_and_export_a_hf_folder(hf_gpt2_vocab_folder, tmp_path, 
     np.tile(pattern, 60).tofile(data / "val.bin")
     (data / "meta.json").write_text(json.dumps({"vocab_size": 50257, "tokenizer": {"kind": "gpt2"}}))
     out = tmp_path / "out"
-    common = [f"--data_dir={data}", f"--out_dir={out}", "--device=cpu", "--dtype=float32", "--compile=False"]
+    common = [f"--data_dir={data}", f"--out_dir={out}", "--device=cpu", f"--dtype={dtype}", "--compile=False"]
     train.main(
         [
             *common,
@@ -395,8 +419,11 @@ def test_finetune_sample_and_export_a_hf_folder(hf_gpt2_vocab_folder, tmp_path, 
 
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["model_args"]["block_size"] == 16 and ckpt["tokenizer"] == {"kind": "gpt2"}
-    sample.main([f"--out_dir={out}", "--device=cpu", "--num_samples=1", "--max_new_tokens=5", "--start=Hello"])
-    assert capsys.readouterr().out.startswith("Hello")
+    sampling = ["--device=cpu", f"--dtype={dtype}", "--max_new_tokens=5", "--start=Hello"]
+    for source in (f"--out_dir={out}", f"--init_from={hf_gpt2_vocab_folder}"):  # finetuned, and as downloaded
+        for n in (1, 2):  # streamed, batched
+            sample.main([source, *sampling, f"--num_samples={n}"])
+            assert capsys.readouterr().out.startswith("Hello")
 
     export.main([f"--out_dir={out}", f"--to={tmp_path / 'finetuned-hf'}"])
     ref = hf_model(tmp_path / "finetuned-hf")
@@ -404,9 +431,13 @@ def test_finetune_sample_and_export_a_hf_folder(hf_gpt2_vocab_folder, tmp_path, 
     idx = torch.tensor([pattern[:9].astype(np.int64).tolist()])
     with torch.no_grad():
         torch.testing.assert_close(ref(idx).logits, all_logits(ours, idx), atol=1e-5, rtol=0)
-    # HF continues the prompt exactly as nanogpt does
-    hf_ids = ref.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=5, pad_token_id=0)
-    assert hf_ids.tolist() == ours.generate(idx, 5, temperature=0.0).tolist()
+    # HF continues the prompt exactly as nanogpt does, in float32 and under the run's autocast
+    for precision in ("float32", dtype):
+        with autocast("cpu", precision):
+            hf_ids = ref.generate(
+                idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=5, pad_token_id=0
+            )
+            assert hf_ids.tolist() == ours.generate(idx, 5, temperature=0.0).tolist()
 
 
 def test_finetune_on_bpe_shakespeare(hf_gpt2_vocab_folder, training_text, tmp_path, capsys, offline_gpt2_bpe):

@@ -1,0 +1,228 @@
+"""The GPU check behind `bash .ci/gpu [RESULTS_DIR]`: what only a real NVIDIA GPU can show, in one run.
+
+It runs, each with a time limit, so that the whole check stays under 8 minutes on one H100/H200:
+  1. the tests that exercise CUDA (the "cuda" cases of tests/test_mixed_precision.py);
+  2. the seed GPU command `python train.py config/train_shakespeare_char.py`, verbatim, until the
+     first evaluation with val loss <= 1.47 (then SIGTERM: it saves interrupt.pt and stops) or its
+     5000 iterations, with the wall time at which each evaluation was printed;
+  3. the seed sampling command `python sample.py --out_dir=out-shakespeare-char`, verbatim;
+  4. bench.py on the GPT-2 124M shape (batch 12, compiled) for ms/iter and MFU, and on the seed
+     GPU model.
+Every figure goes to RESULTS_DIR/gpu_check.json, with the logs beside it.
+
+The GPU machines this is written for are offline and have Python with a CUDA build of PyTorch, numpy,
+tiktoken, transformers, tqdm and pytest, but only the repository's working tree: the package is used
+from the tree (PYTHONPATH), nothing is installed or downloaded, and tiny Shakespeare must arrive
+prepared, as the ignored files data/shakespeare_char/{train.bin,val.bin,meta.json}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_FILES = ("train.bin", "val.bin", "meta.json")
+TARGET_VAL_LOSS = 1.47
+STEP = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
+ITER = re.compile(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms, mfu (-?[\d.]+)%")
+
+
+def fail(message: str) -> None:
+    print(f".ci/gpu: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def preflight() -> dict[str, Any]:
+    """Everything that must hold before spending GPU time; one line and exit 1 otherwise."""
+    try:
+        import torch
+    except ImportError:
+        fail(f"PyTorch is not importable by {sys.executable}; set PYTHON to a Python with a CUDA build of PyTorch.")
+    if not torch.cuda.is_available():
+        fail(
+            f"no CUDA GPU here (torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
+            "this check needs a machine with an NVIDIA GPU. Nothing was run."
+        )
+    data = REPO / "data" / "shakespeare_char"
+    missing = [name for name in DATA_FILES if not (data / name).is_file()]
+    if missing:
+        fail(
+            f"data/shakespeare_char/{missing[0]} is missing. Prepare tiny Shakespeare where the text is at hand "
+            "(python data/shakespeare_char/prepare.py) and bring the ignored files data/shakespeare_char/"
+            "train.bin, val.bin and meta.json with the working tree (device tool: carry data/shakespeare_char)."
+        )
+    return {
+        "gpu": torch.cuda.get_device_name(0),
+        "gpu_count": torch.cuda.device_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+        "bf16_supported": torch.cuda.is_bf16_supported(),
+    }
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ, PYTHONUNBUFFERED="1")
+    e["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [e.get("PYTHONPATH")])])
+    e.pop("RANK", None)
+    return e
+
+
+def run_logged(name: str, cmd: list[str], results: Path, timeout: float, on_line=None) -> dict[str, Any]:
+    """Run cmd in the repository root, killed after `timeout` seconds, its output to results/<name>.log with
+    each line's time since the start; on_line(line, seconds, proc) may react to lines (e.g. stop the run)."""
+    print(f"\n== {name}: {' '.join(cmd)}", flush=True)
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    watchdog = threading.Timer(timeout, proc.kill)
+    watchdog.start()
+    try:
+        with (results / f"{name}.log").open("w", encoding="utf-8") as log:
+            for line in proc.stdout:
+                seconds = time.monotonic() - t0
+                log.write(f"[{seconds:8.2f}s] {line}")
+                print(line, end="", flush=True)
+                if on_line is not None:
+                    on_line(line.rstrip("\n"), seconds, proc)
+        proc.wait()
+    finally:
+        watchdog.cancel()
+    seconds = time.monotonic() - t0
+    return {
+        "command": " ".join(cmd),
+        "returncode": proc.returncode,
+        "seconds": seconds,
+        "timed_out": seconds >= timeout,
+    }
+
+
+def run_tests(results: Path) -> dict[str, Any]:
+    # the cases parametrized with device "cuda"; the CPU cases run in CI on every change
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_mixed_precision.py",
+        "-k",
+        "cuda",
+    ]
+    r = run_logged("tests", cmd, results, timeout=180)
+    summary = (results / "tests.log").read_text().strip().splitlines()[-1:] or [""]
+    r["summary"] = re.sub(r"^\[\s*[\d.]+s\] ", "", summary[0])
+    r["passed"] = r["returncode"] == 0
+    return r
+
+
+def run_training(results: Path) -> dict[str, Any]:
+    evals: list[dict[str, float]] = []
+    iters: list[tuple[int, float, float]] = []
+    state: dict[str, Any] = {"reached": None}
+
+    def on_line(line: str, seconds: float, proc: subprocess.Popen) -> None:
+        if m := STEP.match(line):
+            evals.append({"iter": int(m[1]), "train": float(m[2]), "val": float(m[3]), "seconds": seconds})
+            if state["reached"] is None and float(m[3]) <= TARGET_VAL_LOSS:
+                state["reached"] = evals[-1]
+                proc.send_signal(signal.SIGTERM)  # saves interrupt.pt after ckpt.pt and stops: no more to learn
+        elif m := ITER.match(line):
+            iters.append((int(m[1]), float(m[2]), float(m[3])))
+
+    shutil.rmtree(REPO / "out-shakespeare-char", ignore_errors=True)  # a fresh run, as the seed command makes
+    r = run_logged("train", [sys.executable, "train.py", "config/train_shakespeare_char.py"], results, 330, on_line)
+    steady = sorted(ms for it, ms, _ in iters if it >= 100)
+    r.update(
+        evals=evals,
+        target_val_loss=TARGET_VAL_LOSS,
+        reached=state["reached"],
+        seconds_to_target=state["reached"]["seconds"] if state["reached"] else None,
+        median_ms_per_iter=steady[len(steady) // 2] if steady else None,
+        last_mfu_percent=iters[-1][2] if iters else None,
+        passed=r["returncode"] in (0, 143) and state["reached"] is not None,  # 143: our SIGTERM
+    )
+    return r
+
+
+def run_sampling(results: Path) -> dict[str, Any]:
+    r = run_logged("sample", [sys.executable, "sample.py", "--out_dir=out-shakespeare-char"], results, timeout=90)
+    r["passed"] = r["returncode"] == 0 and "---------------" in (results / "sample.log").read_text()
+    return r
+
+
+def run_bench(results: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    runs = {
+        "gpt2": ["--models=gpt2", "--batch_size=12", "--compile=True", "--sample_tokens=100"],
+        "shakespeare_char": ["--models=shakespeare_char"],
+    }
+    for name, args in runs.items():
+        json_path = results / f"bench_{name}.json"
+        r = run_logged(f"bench_{name}", [sys.executable, "bench.py", *args, f"--json={json_path}"], results, 150)
+        r["passed"] = r["returncode"] == 0 and json_path.is_file()
+        if r["passed"]:
+            m = json.loads(json_path.read_text())["models"][name]
+            r.update(
+                ms_per_iter=m["train"]["ms_per_iter"],
+                tokens_per_s=m["train"]["tokens_per_s"],
+                mfu=m["train"]["mfu"],
+                generate_tokens_per_s=m["generate_tokens_per_s"],
+                sample_workload=m["sample_workload"],
+                peak_memory_mb=m["peak_memory_mb"],
+            )
+        out[name] = r
+    return out
+
+
+def main(argv: list[str]) -> int:
+    results = Path(argv[0] if argv else "gpu-results").resolve()
+    machine = preflight()
+    results.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    report["commit"] = commit.stdout.strip() or None
+    t0 = time.monotonic()
+    for name, step in (("tests", run_tests), ("train", run_training), ("sample", run_sampling), ("bench", run_bench)):
+        report[name] = step(results)
+        (results / "gpu_check.json").write_text(json.dumps(report, indent=1))  # kept even if a later step dies
+    report["total_seconds"] = time.monotonic() - t0
+    (results / "gpu_check.json").write_text(json.dumps(report, indent=1))
+
+    ok = {
+        "tests": report["tests"]["passed"],
+        "train": report["train"]["passed"],
+        "sample": report["sample"]["passed"],
+        **{f"bench {k}": v["passed"] for k, v in report["bench"].items()},
+    }
+    print(f"\n== summary ({machine['gpu']}, torch {machine['torch']}, {report['total_seconds']:.0f} s)")
+    print(f"tests: {report['tests']['summary']}")
+    t = report["train"]
+    if t["reached"]:
+        print(
+            f"seed GPU config: val {t['reached']['val']} at iter {t['reached']['iter']}, {t['seconds_to_target']:.1f} s"
+        )
+    print(f"seed GPU config: median {t['median_ms_per_iter']} ms/iter, MFU {t['last_mfu_percent']}%")
+    for name, b in report["bench"].items():
+        if b["passed"]:
+            print(f"bench {name}: {b['ms_per_iter']:.1f} ms/iter, MFU {b['mfu'] * 100:.1f}%")
+    for name, passed in ok.items():
+        print(f"{'ok  ' if passed else 'FAIL'} {name}")
+    print(f"wrote {results / 'gpu_check.json'}")
+    return 0 if all(ok.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
