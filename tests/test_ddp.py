@@ -12,8 +12,9 @@ from nanogpt.checkpoint import load_checkpoint
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: DDP under autocast, as on GPUs
 def test_two_cpu_processes_train_log_once_and_write_one_checkpoint(
-    run_script, repo_root, tiny_checkpoint, tiny_model_args, tmp_path
+    run_script, repo_root, tiny_checkpoint, tiny_model_args, tmp_path, dtype
 ):
     data_dir = tiny_checkpoint.parent / "data"  # a prepared char dataset
     out_dir = tmp_path / "out"
@@ -32,6 +33,7 @@ def test_two_cpu_processes_train_log_once_and_write_one_checkpoint(
         "--eval_interval=3",
         "--learning_rate=1e-2",
         "--warmup_iters=0",
+        f"--dtype={dtype}",
         timeout=240,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
