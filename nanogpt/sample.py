@@ -53,7 +53,9 @@ class SampleOptions:
         "auto", "auto (bfloat16 on recent GPUs, float16 on old ones, float32 elsewhere), float32, bfloat16, float16"
     )
     compile: bool = option(
-        False, "torch.compile the forward pass: ~40 s to compile, one graph for all decoding steps; no gain on CPUs"
+        False,
+        "torch.compile the forward pass: ~40 s to compile 3 graphs (prompt, 1-token decoding, re-encoding when "
+        "the window is full) used for every position; no gain on CPUs",
     )
     use_cache: bool = option(True, "use the KV cache; False recomputes the whole context for each token (nanoGPT)")
 

@@ -201,6 +201,37 @@ def run(main: Callable, argv: Sequence[str], cwd: Path, setup: Callable | None =
     return start(main, argv, cwd, setup).wait(timeout)
 
 
+def loss_recorder(path: Path) -> Callable[[], None]:
+    """A child `setup` that appends 'train|eval <loss.hex()>' to path for every loss the model computes:
+    the exact values, so two runs' losses can be compared bit for bit."""
+
+    def setup() -> None:
+        from nanogpt.model import GPT
+
+        log = open(path, "w", buffering=1)
+        forward = GPT.forward
+
+        def recording_forward(self, idx, targets=None, cache=None):
+            logits, loss = forward(self, idx, targets, cache)
+            if loss is not None:
+                log.write(f"{'train' if self.training else 'eval'} {loss.item().hex()}\n")
+            return logits, loss
+
+        GPT.forward = recording_forward
+
+    return setup
+
+
+# Loaded by a fresh interpreter through PYTHONPATH (see run_script): records losses as loss_recorder does.
+SITECUSTOMIZE = """
+import os, sys
+if os.environ.get("NANOGPT_TEST_LOSSES"):
+    sys.path.insert(0, os.environ["NANOGPT_TEST_DIR"])
+    import forkrun
+    forkrun.loss_recorder(os.environ["NANOGPT_TEST_LOSSES"])()
+"""
+
+
 def train_main():
     from nanogpt.train import main
 
@@ -227,14 +258,23 @@ def script_env() -> dict[str, str]:
     return env
 
 
-def popen_script(script: str, *args: str, cwd: Path) -> subprocess.Popen:
+def popen_script(script: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """A genuine `python <repo>/<script> args...` (or `python -m args...`) subprocess, text output piped."""
     cmd = [sys.executable, script if script == "-m" else str(REPO / script), *args]
-    return subprocess.Popen(cmd, cwd=cwd, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = env or script_env()
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def run_script(script: str, *args: str, cwd: Path, timeout: float = 120) -> Result:
-    proc = popen_script(script, *args, cwd=cwd)
+def run_script(script: str, *args: str, cwd: Path, timeout: float = 120, record_losses: Path | None = None) -> Result:
+    """Run popen_script to the end. With record_losses, the fresh interpreter writes every loss there
+    (as loss_recorder does) through a sitecustomize module put first on its PYTHONPATH."""
+    env = script_env()
+    if record_losses is not None:
+        site = Path(tempfile.mkdtemp(dir=_log_dir()))
+        (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
+        env.update(NANOGPT_TEST_LOSSES=str(record_losses), NANOGPT_TEST_DIR=str(Path(__file__).parent))
+    proc = popen_script(script, *args, cwd=cwd, env=env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

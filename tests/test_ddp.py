@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 import torch.distributed
 
 from nanogpt.checkpoint import load_checkpoint
@@ -54,3 +55,113 @@ def test_two_cpu_processes_train_log_once_and_write_one_checkpoint(
     assert ckpt["iter_num"] == 6
     assert not any(k.startswith("module.") for k in ckpt["model"])
     assert ckpt["config"]["gradient_accumulation_steps"] == 2
+
+
+# Runs in each torchrun worker: nanogpt's real training loop, with DDP and the optimizer instrumented.
+GRAD_SYNC_DRIVER = """
+import os
+import sys
+
+import torch
+import torch.nn.parallel
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from nanogpt.train import main
+
+records = {"hook_calls": [], "local_grads": [], "step_grads": []}
+names = {}  # id(parameter) -> its name in the model
+state = {"step": 0, "micro": 0}  # optimizer steps taken; training forwards (micro-steps) in the current step
+
+
+def counting_allreduce(_, bucket):
+    # record the call and this rank's own (accumulated) gradients, then all-reduce as DDP does by default
+    records["hook_calls"].append((state["step"], state["micro"], bucket.index()))
+    local = {names[id(p)]: g.clone() for p, g in zip(bucket.parameters(), bucket.gradients())}
+    records["local_grads"].append(local)
+    return allreduce_hook(None, bucket)  # divides by the world size, then sums over the ranks
+
+
+class InstrumentedDDP(torch.nn.parallel.DistributedDataParallel):
+    def __init__(self, module, *args, **kwargs):
+        super().__init__(module, *args, **kwargs)
+        names.update({id(p): n for n, p in module.named_parameters()})
+        self.register_comm_hook(None, counting_allreduce)
+
+    def forward(self, *args, **kwargs):
+        if torch.is_grad_enabled():  # a training micro-step, not an evaluation batch
+            state["micro"] += 1
+        return super().forward(*args, **kwargs)
+
+
+def record_step(optimizer, args, kwargs):
+    # the gradients the optimizer is about to apply
+    grads = {names[id(p)]: p.grad.clone() for group in optimizer.param_groups for p in group["params"]}
+    records["step_grads"].append(grads)
+    state["step"] += 1
+    state["micro"] = 0
+
+
+torch.nn.parallel.DistributedDataParallel = InstrumentedDDP  # train.py imports DDP from here when it runs
+register_optimizer_step_pre_hook(record_step)
+main(sys.argv[2:])
+torch.save(records, os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
+"""
+
+
+def test_ddp_averages_gradients_across_ranks_and_communicates_only_on_the_last_micro_step(
+    run_script, tiny_checkpoint, tiny_model_args, tmp_path
+):
+    """Two gloo workers run nanogpt.train.main under torchrun with 4 accumulation steps (2 micro-steps
+    per rank). A DDP communication hook counts every all-reduce and keeps each rank's local gradients;
+    an optimizer pre-step hook keeps the gradients each step applies. This proves that:
+
+    - every optimizer step applies bit-identical gradients on both ranks, equal to the mean of the two
+      ranks' different local gradients (the all-reduce really synchronised, and averaged);
+    - each step all-reduces each DDP bucket once, during the last micro-step: model.no_sync() skipped
+      the communication of the first micro-step (without it there would be twice as many calls).
+    """
+    driver = tmp_path / "ddp_grad_driver.py"
+    driver.write_text(GRAD_SYNC_DRIVER, encoding="utf-8")
+    records_dir = tmp_path / "records"
+    records_dir.mkdir()
+    args = [a for a in tiny_model_args if not a.startswith("--gradient_accumulation_steps")]
+    max_iters = 2  # iterations 0..max_iters: max_iters + 1 optimizer steps
+    proc = run_script(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        driver,
+        records_dir,
+        *args,
+        "--gradient_accumulation_steps=4",
+        f"--data_dir={tiny_checkpoint.parent / 'data'}",
+        f"--out_dir={tmp_path / 'out'}",
+        f"--max_iters={max_iters}",
+        "--eval_interval=1000",
+        "--warmup_iters=0",
+        "--grad_clip=0.0",  # so the applied gradients are exactly the all-reduced ones
+        "--dtype=float32",
+        timeout=240,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    r0, r1 = (torch.load(records_dir / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    steps = max_iters + 1
+    n_buckets = 1  # the tiny model's ~60 KB of gradients fit in DDP's first bucket (1 MiB)
+
+    for rec in (r0, r1):
+        # one all-reduce per bucket per step, during micro-step 2 of 2; none during micro-step 1 (no_sync)
+        assert rec["hook_calls"] == [(step, 2, b) for step in range(steps) for b in range(n_buckets)]
+        assert len(rec["step_grads"]) == steps
+    for step in range(steps):
+        g0, g1 = r0["step_grads"][step], r1["step_grads"][step]
+        local0, local1 = r0["local_grads"][step], r1["local_grads"][step]  # one bucket: one entry per step
+        assert g0.keys() == g1.keys() == local0.keys() == local1.keys()
+        for name in g0:
+            # both ranks apply the very same gradient...
+            assert torch.equal(g0[name], g1[name]), f"step {step}: {name} differs between the ranks"
+            # ...the mean of their local ones, which differ (each rank draws its own batches)
+            assert torch.equal(g0[name], local0[name] / 2 + local1[name] / 2), f"step {step}: {name} is not the mean"
+        assert any(not torch.equal(local0[n], local1[n]) for n in g0), f"step {step}: the ranks' batches agree"
+        assert any(not torch.equal(g0[n], local0[n]) for n in g0), f"step {step}: nothing was averaged"

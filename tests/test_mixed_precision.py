@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch._dynamo
 
 from nanogpt.checkpoint import load_checkpoint, model_from_checkpoint
 from nanogpt.device import autocast
@@ -163,7 +164,8 @@ def test_eval_only_under_bfloat16_evaluates_the_checkpoint(sure_model, pattern_d
 
 
 def test_compiled_training_and_sampling_under_bfloat16(pattern_data, sure_model, tmp_path, run_in_process, capsys):
-    """torch.compile, on by default for CUDA training, compiles and runs here with the CPU's inductor backend."""
+    """torch.compile, on by default for CUDA training, compiles and runs here with the CPU's inductor backend;
+    compiled sampling equals eager sampling and builds exactly 3 graphs."""
     out_dir = tmp_path / "compiled"
     args = ("--compile=True", "--dtype=bfloat16", "--max_iters=3", "--eval_interval=3")
     train_main([*train_args(pattern_data, out_dir, "cpu"), *args])
@@ -173,12 +175,17 @@ def test_compiled_training_and_sampling_under_bfloat16(pattern_data, sure_model,
     ckpt = load_checkpoint(out_dir / "ckpt.pt")
     assert set(ckpt["model"]) == set(GPT(GPTConfig(**ckpt["model_args"])).state_dict())
 
+    # 40 new tokens after a 5-token prompt pass block_size (32): prefill, decoding and one re-encode
     argv = [f"--out_dir={sure_model}", "--device=cpu", "--start=first", "--max_new_tokens=40", "--temperature=0"]
     code, eager, err = run_in_process(sample_main, [*argv, "--num_samples=2", "--dtype=bfloat16"])
     assert code == 0, err
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     code, compiled, err = run_in_process(sample_main, [*argv, "--num_samples=2", "--dtype=bfloat16", "--compile=True"])
     assert code == 0, err
     assert compiled == eager and samples(compiled) == [(UNIT * 2)[:45]] * 2
+    # the static-shape KV cache: 3 graphs (prefill, 1-token decoding, re-encode), not one per position
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 3
 
 
 @pytest.mark.parametrize("device", DEVICES)
