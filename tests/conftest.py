@@ -42,8 +42,11 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def shakespeare_text() -> str:
-    """Tiny Shakespeare from the shared data folder beside the repository; skipped when absent."""
+    """Tiny Shakespeare from the shared data folder beside the repository. Absent, the tests that need it
+    are skipped on a developer's machine, and fail in CI (CI=true), where it is always provided."""
     if not SHAKESPEARE.is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"tiny Shakespeare must be at {SHAKESPEARE} in CI (shared/ beside the checkout)")
         pytest.skip(f"tiny Shakespeare not found at {SHAKESPEARE}")
     return SHAKESPEARE.read_text(encoding="utf-8")
 

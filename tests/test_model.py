@@ -337,3 +337,28 @@ def test_sampling_follows_the_softmax_distribution():
         freq = torch.bincount(draws.view(-1), minlength=5).float() / draws.numel()
         expected = torch.softmax(logits[0] / temperature, dim=-1)
         torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
+
+
+def counted_training_flops_per_token(model: GPT, batch: int = 2) -> float:
+    """FLOPs of one forward + backward pass per token as PyTorch's FlopCounterMode counts them, with
+    attention in the math backend so that its matmuls are counted too (the fused CPU kernel is not)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    T = model.config.block_size
+    x = torch.randint(model.config.vocab_size, (batch, T), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+        _, loss = model(x, x)
+        loss.backward()
+    return counter.get_total_flops() / (batch * T)
+
+
+@pytest.mark.parametrize("shape", [(4, 4, 128, 64, 65), (2, 2, 32, 16, 50304)])
+def test_flops_per_token_estimate_matches_pytorchs_flop_counter(shape):
+    """The 6N + 12 L H Q T formula (PaLM, appendix B) behind MFU, against an independent count. The
+    formula also counts 6 FLOPs per LayerNorm gain, which the counter (matmuls only) does not see."""
+    n_layer, n_head, n_embd, block_size, vocab = shape
+    model = GPT(GPTConfig(block_size, vocab, n_layer, n_head, n_embd, bias=False))
+    counted, estimate = counted_training_flops_per_token(model), model.estimate_flops_per_token()
+    gains = sum(p.numel() for n, p in model.named_parameters() if "ln" in n)
+    assert counted == estimate - 6 * gains
