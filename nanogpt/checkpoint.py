@@ -50,6 +50,21 @@ def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
+# What torch.load raises for a file that is not a whole checkpoint: a torn zip archive comes out as an
+# OSError (EINVAL) or a RuntimeError from its zip reader, garbage as whatever the unpickler chokes on.
+# Anything else (a MemoryError, a bug) propagates as itself.
+_DAMAGED_FILE_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    RuntimeError,
+    ValueError,
+    IndexError,
+    KeyError,
+    UnicodeDecodeError,
+    zipfile.BadZipFile,
+)
+
+
 def nonfinite_weights(state_dict: dict[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors holding a NaN or an infinity (one device sync in all)."""
     names = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()]
@@ -143,7 +158,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"no checkpoint at {path}. Train a model first (python train.py ...) with the same --out_dir, "
             "or point --out_dir at the folder that holds ckpt.pt."
         )
-    bad_entry = _entry_failing_crc(path)
+    try:
+        bad_entry = _entry_failing_crc(path)
+    except PermissionError as e:
+        raise UserError(f"cannot read the checkpoint {path}: {e.strerror}.") from None
     if bad_entry is not None:
         raise UserError(
             f"the checkpoint {path} is damaged: the data of {bad_entry} does not match its checksum. Restore it "
@@ -151,7 +169,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged file can make the unpickler raise almost anything (IndexError, KeyError...)
+    except (OSError, *_DAMAGED_FILE_ERRORS) as e:
         refused = isinstance(e, pickle.UnpicklingError) and "Weights only load failed" in str(e)
         if refused and zipfile.is_zipfile(path):  # a whole torch.save file, not garbage the unpickler choked on
             raise UserError(
@@ -168,6 +186,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     if not isinstance(ckpt, dict):
         raise UserError(f"{path} is not a nanogpt checkpoint (it holds a {type(ckpt).__name__}).")
+    if not zipfile.is_zipfile(path):
+        print(
+            f"warning: {path} is in PyTorch's legacy (pre-1.6) format, which stores no checksums: its data could "
+            "not be verified.",
+            file=sys.stderr,
+        )
     ckpt = _migrate(ckpt, path)
     bad = nonfinite_weights(ckpt["model"])
     if bad:
@@ -180,11 +204,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def _entry_failing_crc(path: Path) -> str | None:
     """The first entry of a checkpoint (a zip archive) whose data fails its CRC-32. torch.load does not check
-    them, so without this a flipped bit in the weights would load silently."""
+    them, so without this a flipped bit in the weights would load silently. None when all match, and for a
+    file that is no complete zip archive: torch.load then refuses it (or, for the legacy format, says it
+    could not be verified)."""
     try:
         with zipfile.ZipFile(path) as archive:
             return archive.testzip()
-    except Exception:  # not a zip file, or torn: torch.load says what is wrong
+    except (zipfile.BadZipFile, EOFError):
         return None
 
 

@@ -45,6 +45,27 @@ def read_meta(data_dir: Path) -> dict:
     return meta
 
 
+def max_token_id(path: Path, data: np.ndarray, chunk: int = 1 << 24) -> int:
+    """The largest token id in a split, over every token: a max over the memory map in chunks of 32 MB
+    (seconds for OpenWebText's 9B tokens), remembered in a hidden file beside the split, keyed by the
+    file's size and modification time, so later runs on the same file skip the scan."""
+    stat = path.stat()
+    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    cache = path.with_name(f".{path.name}.max_id.json")
+    try:
+        saved = json.loads(cache.read_text())
+        if {k: saved.get(k) for k in key} == key and isinstance(saved.get("max_id"), int):
+            return saved["max_id"]
+    except (OSError, ValueError):
+        pass  # no cache yet, or an unreadable one: scan
+    top = max(int(data[i : i + chunk].max()) for i in range(0, len(data), chunk))
+    try:
+        cache.write_text(json.dumps({**key, "max_id": top}))
+    except OSError:
+        pass  # a read-only data folder: scan again next time
+    return top
+
+
 class TokenBatches:
     """Random (x, y) batches from `<data_dir>/train.bin` and `val.bin`."""
 
@@ -75,7 +96,7 @@ class TokenBatches:
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids beyond the model's vocabulary mean the data and model don't belong together."""
         for split, data in self.data.items():
-            top = int(data[: 1 << 22].max())  # a prefix is enough to catch a mismatched dataset cheaply
+            top = max_token_id(self.data_dir / f"{split}.bin", data)
             if top >= vocab_size:
                 raise UserError(
                     f"{self.data_dir / (split + '.bin')} contains token id {top}, but the model's vocabulary has "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import traceback
 from collections.abc import Callable, Sequence
 
 
@@ -17,7 +18,8 @@ class UserError(Exception):
 
 
 def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Call `main(argv)`; on UserError print the message and exit 2, on Ctrl-C exit 130 quietly."""
+    """Call `main(argv)`; on UserError print the message and exit 2, on Ctrl-C exit 130 quietly. Anything
+    else is a bug, not the user's mistake: its traceback is printed with a line asking for a report, exit 1."""
     try:
         main(argv)
     except UserError as e:
@@ -26,3 +28,11 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - reported, never hidden
+        traceback.print_exc()
+        print(
+            f"\nbug: nanogpt stopped on an unexpected {type(e).__name__}. This is not a mistake in your input; please "
+            "report it with the traceback above and the command you ran.",
+            file=sys.stderr,
+        )
+        sys.exit(1)

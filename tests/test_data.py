@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -84,3 +85,24 @@ def test_read_meta(tmp_path):
     (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": "2"}))
     with pytest.raises(UserError, match="vocab_size"):
         read_meta(tmp_path)
+
+
+def test_every_token_id_is_checked_even_past_the_first_chunk_and_the_scan_is_cached(tmp_path):
+    from nanogpt.data import max_token_id
+
+    ids = np.zeros(100_000, dtype=np.uint16)
+    ids[-1] = 70  # one bad id, in the last of many chunks
+    ids.tofile(tmp_path / "train.bin")
+    np.zeros(100, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    path = tmp_path / "train.bin"
+    assert max_token_id(path, np.memmap(path, dtype=np.uint16, mode="r"), chunk=1000) == 70
+    with pytest.raises(UserError, match="contains token id 70, but the model's vocabulary has 65 tokens"):
+        TokenBatches(tmp_path, block_size=8, vocab_size=65)
+    cache = tmp_path / ".train.bin.max_id.json"
+    assert json.loads(cache.read_text())["max_id"] == 70
+    # the cache is keyed by size and mtime: a rewritten file is scanned again
+    ids[-1] = 3
+    ids.tofile(path)
+    os.utime(path, ns=(1, 1))
+    TokenBatches(tmp_path, block_size=8, vocab_size=65)
+    assert json.loads(cache.read_text())["max_id"] == 3

@@ -43,9 +43,16 @@ def test_ctrl_c_exits_130_quietly(capsys):
     assert capsys.readouterr().err.strip() == "interrupted"
 
 
-def test_bugs_still_raise():
-    with pytest.raises(ZeroDivisionError):
-        run_main(raiser(ZeroDivisionError("a bug")), [])
+@pytest.mark.parametrize("bug", [ZeroDivisionError("a bug"), MemoryError()])
+def test_bugs_show_their_traceback_and_ask_for_a_report(capsys, bug):
+    """Not a user's mistake: no misleading diagnosis, the real traceback, and a line saying what it is."""
+    with pytest.raises(SystemExit) as info:
+        run_main(raiser(bug), [])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Traceback (most recent call last):")
+    assert f"{type(bug).__name__}" in err.splitlines()[-3]
+    assert err.splitlines()[-1].startswith(f"bug: nanogpt stopped on an unexpected {type(bug).__name__}.")
 
 
 def test_success_passes_argv_through():

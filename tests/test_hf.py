@@ -284,16 +284,25 @@ def test_missing_folder_is_named(tmp_path):
         load_pretrained_gpt2(str(tmp_path / "nope"))
 
 
-def test_unreachable_hub_suggests_a_local_folder(monkeypatch):
-    def offline(*args, **kwargs):
-        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
-
-    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", offline)
-    with pytest.raises(UserError) as e:
-        load_pretrained_gpt2("gpt2-xl")
-    message = str(e.value)
-    assert "could not be reached" in message
+def test_unreachable_hub_suggests_a_local_folder(run_script, tmp_path):
+    """The real transformers and huggingface_hub, offline (HF_HUB_OFFLINE=1, an empty cache): no mock."""
+    proc = run_script(
+        "-m", "nanogpt", "sample", "--init_from=gpt2-xl", "--device=cpu",
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")},
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    message = " ".join(proc.stderr.split())
+    assert "could not get gpt2-xl from the Hugging Face hub" in message and "could not be reached" in message
     assert "save_pretrained('gpt2-xl-hf')" in message and "--init_from=" in message and "folder" in message
+
+
+def test_a_full_disk_while_downloading_is_not_called_the_network(monkeypatch):
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        load_pretrained_gpt2("gpt2")
 
 
 def test_missing_transformers_says_what_to_install(monkeypatch, hf_folder):

@@ -29,6 +29,17 @@ def test_gpt2_known_ids(gpt2):
     assert gpt2.vocab_size == 50257 == gpt2.enc.n_vocab
 
 
+def test_offline_fallback_is_announced_and_encodes_like_tiktoken(run_script, tmp_path):
+    """The real tiktoken with an empty cache and no way out (a proxy on a closed loopback port): its download
+    fails, and the fallback says so once on stderr and gives GPT-2's ids."""
+    code = "from nanogpt.tokenizer import GPT2Tokenizer; print(GPT2Tokenizer().encode('Hello world'))"
+    offline = {"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty-cache"), "HTTPS_PROXY": "http://127.0.0.1:9"}
+    proc = run_script("-c", code, env=offline)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "[15496, 995]\n"
+    assert proc.stderr.count("note: tiktoken could not download GPT-2's tokenizer files") == 1
+
+
 def test_offline_fallback_builds_identical_encoding(monkeypatch):
     import tiktoken
 

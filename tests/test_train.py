@@ -366,7 +366,7 @@ def test_dataset_and_model_vocabularies_must_match(tiny_checkpoint, tiny_model_a
     assert (out_dir / "ckpt.pt").read_bytes() == before
 
 
-def test_out_of_memory_prints_the_ways_down(
+def test_cuda_out_of_memory_prints_the_ways_down(
     prepare_char_dataset, tiny_model_args, run_in_process, tmp_path, monkeypatch
 ):
     from nanogpt.model import GPT
