@@ -236,6 +236,18 @@ def tokenizer_from_checkpoint(ckpt: dict[str, Any]) -> Tokenizer:
     return tokenizer_from_spec(ckpt.get("tokenizer", {"kind": "gpt2"}))
 
 
+def checkpoint_for_sampling(out_dir: str | Path, name: str | None = None) -> Path:
+    """The file to sample or export from: `name` when given, else ckpt.pt, or interrupt.pt when a run was
+    stopped before its first evaluation checkpoint."""
+    out_dir = Path(out_dir)
+    if name is not None:
+        return out_dir / name
+    path = out_dir / CKPT_NAME
+    if not path.exists() and (out_dir / INTERRUPT_NAME).exists():
+        return out_dir / INTERRUPT_NAME
+    return path
+
+
 def load_resume_checkpoint(out_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     """The checkpoint to resume from: ckpt.pt or interrupt.pt, whichever is further along."""
     out_dir = Path(out_dir)

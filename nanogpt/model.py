@@ -38,11 +38,16 @@ class GPTConfig:
     activation: str = "gelu"
 
     def __post_init__(self) -> None:
+        # the one place a model shape is checked; train.py turns these messages into option errors
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+            nearest = self.n_head * max(1, round(self.n_embd / self.n_head))
+            raise ValueError(
+                f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}; each head gets n_embd / n_head "
+                f"dimensions. Try n_embd={nearest}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.activation not in ("gelu", "gelu_tanh"):

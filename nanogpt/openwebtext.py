@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nanogpt.atomic import atomic_open
 from nanogpt.config import option, parse_args
 from nanogpt.errors import UserError, run_main
 from nanogpt.tokenizer import GPT2_EOT, GPT2Tokenizer
@@ -54,22 +55,19 @@ def split_dataset(dataset, val_fraction: float, seed: int):
 
 
 def write_split(tokenized, path: Path, shards: int) -> int:
-    """Concatenate a tokenized split's 'ids' into a uint16 file, chunk by chunk; returns the token count."""
+    """Concatenate a tokenized split's 'ids' into a uint16 file, chunk by chunk; returns the token count.
+    The file is written atomically (atomic.py): only a complete file ever takes the final name."""
     from tqdm import tqdm
 
-    total = int(np.sum(tokenized["len"], dtype=np.uint64))
-    tmp = path.with_name(path.name + ".tmp")
-    arr = np.memmap(tmp, dtype=np.uint16, mode="w+", shape=(max(total, 1),))
+    total = 0
     shards = max(1, min(shards, len(tokenized)))
-    pos = 0
-    for i in tqdm(range(shards), desc=f"writing {path.name}"):
-        chunk = tokenized.shard(num_shards=shards, index=i, contiguous=True).with_format("numpy")
-        ids = np.concatenate(chunk["ids"]) if len(chunk) else np.zeros(0, dtype=np.uint16)
-        arr[pos : pos + len(ids)] = ids
-        pos += len(ids)
-    arr.flush()
-    del arr
-    os.replace(tmp, path)  # only a complete file takes the final name
+    with atomic_open(path) as f:
+        for i in tqdm(range(shards), desc=f"writing {path.name}"):
+            chunk = tokenized.shard(num_shards=shards, index=i, contiguous=True).with_format("numpy")
+            if len(chunk):
+                ids = np.concatenate(chunk["ids"]).astype(np.uint16)
+                f.write(ids.tobytes())
+                total += len(ids)
     return total
 
 

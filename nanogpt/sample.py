@@ -20,8 +20,7 @@ from typing import Optional
 import torch
 
 from nanogpt.checkpoint import (
-    CKPT_NAME,
-    INTERRUPT_NAME,
+    checkpoint_for_sampling,
     load_checkpoint,
     model_from_checkpoint,
     tokenizer_from_checkpoint,
@@ -87,10 +86,7 @@ def read_prompt(start: str) -> str:
 def load_model(o: SampleOptions):
     """The model and its tokenizer, from out_dir or from a GPT-2 checkpoint."""
     if o.init_from == "resume":
-        out_dir = Path(o.out_dir)
-        path = out_dir / CKPT_NAME
-        if not path.exists() and (out_dir / INTERRUPT_NAME).exists():
-            path = out_dir / INTERRUPT_NAME
+        path = checkpoint_for_sampling(o.out_dir)
         ckpt = load_checkpoint(path)
         model, tok, source = model_from_checkpoint(ckpt), tokenizer_from_checkpoint(ckpt), str(path)
     else:

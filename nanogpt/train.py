@@ -15,6 +15,7 @@ import contextlib
 import math
 import os
 import random
+import re
 import shlex
 import signal
 import sys
@@ -44,6 +45,7 @@ from nanogpt.mfu import peak_flops
 from nanogpt.model import GPT, GPTConfig
 
 MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
+MODEL_OPTIONS = (*MODEL_SHAPE_KEYS, "dropout")  # the options that are GPTConfig fields
 
 
 @dataclass
@@ -103,36 +105,25 @@ class TrainOptions:
     seed: int = option(1337, "random seed (each DDP rank adds its rank)")
 
     def __post_init__(self) -> None:
-        positive = (
-            "eval_interval",
-            "log_interval",
-            "eval_iters",
-            "gradient_accumulation_steps",
-            "batch_size",
-            "block_size",
-            "n_layer",
-            "n_head",
-            "n_embd",
-        )
-        for name in positive:
+        for name in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
         for name in ("max_iters", "warmup_iters", "lr_decay_iters"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must not be negative, got {getattr(self, name)}.")
-        if self.n_embd % self.n_head:
-            raise UserError(
-                f"--n_embd={self.n_embd} is not divisible by --n_head={self.n_head}; each head gets n_embd / n_head "
-                f"dimensions. Try --n_embd={self.n_head * max(1, round(self.n_embd / self.n_head))}."
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}.")
+        try:  # the model's own checks; the vocabulary comes from the data later, so any valid size will do
+            self.model_config(vocab_size=1)
+        except ValueError as e:  # GPTConfig names its fields; here they are options
+            raise UserError(re.sub(rf"\b({'|'.join(MODEL_OPTIONS)})\b", r"--\1", f"{e}.")) from None
         if self.learning_rate <= 0 or self.min_lr < 0 or self.weight_decay < 0 or self.grad_clip < 0:
             raise UserError("--learning_rate must be positive; --min_lr, --weight_decay and --grad_clip >= 0.")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise UserError("--beta1 and --beta2 must be in [0, 1).")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise UserError(f"--backend must be auto, nccl or gloo, got {self.backend!r}.")
+
+    def model_config(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig(vocab_size=vocab_size, **{k: getattr(self, k) for k in MODEL_OPTIONS})
 
     @property
     def resolved_data_dir(self) -> Path:
@@ -253,8 +244,7 @@ def build_model(o: TrainOptions, explicit: set[str], meta: dict) -> tuple[GPT, d
     """The model to train and, when resuming, the checkpoint it came from."""
     if o.init_from == "scratch":
         vocab_size = meta["vocab_size"] or 50304  # GPT-2's 50257 padded up to a multiple of 64
-        cfg = GPTConfig(o.block_size, vocab_size, o.n_layer, o.n_head, o.n_embd, o.dropout, o.bias)
-        return GPT(cfg), None
+        return GPT(o.model_config(vocab_size)), None
     if o.init_from == "resume":
         path, ckpt = load_resume_checkpoint(o.out_dir)
         saved = ckpt["model_args"]

@@ -143,7 +143,7 @@ def test_config_rejects_invalid_shapes(bad):
 
 
 def test_config_error_names_both_values():
-    with pytest.raises(ValueError, match=r"n_embd \(30\).*n_head \(4\)"):
+    with pytest.raises(ValueError, match=r"n_embd=30 is not divisible by n_head=4.*Try n_embd=32"):
         GPTConfig(n_embd=30, n_head=4)
 
 

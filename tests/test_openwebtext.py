@@ -45,3 +45,27 @@ def test_hub_unreachable_is_a_clear_error(monkeypatch):
 def test_options_are_validated():
     with pytest.raises(UserError):
         OpenWebTextOptions(val_fraction=0.0)
+
+
+def test_a_write_that_fails_part_way_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    from nanogpt.openwebtext import write_split
+
+    path = tmp_path / "train.bin"
+    path.write_bytes(b"\x01\x00")  # a previous, complete file
+    tokenized = datasets.Dataset.from_dict({"ids": [[1, 2], [3, 4], [5, 6]], "len": [2, 2, 2]})
+    real_shard, calls = datasets.Dataset.shard, []
+
+    def shard_then_fail(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_shard(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "shard", shard_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        write_split(tokenized, path, shards=3)
+    assert path.read_bytes() == b"\x01\x00"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.bin"]
+    monkeypatch.undo()
+    assert write_split(tokenized, path, shards=3) == 6
+    assert np.fromfile(path, dtype=np.uint16).tolist() == [1, 2, 3, 4, 5, 6]
