@@ -3,36 +3,19 @@
 from __future__ import annotations
 
 import os
-import random
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import forkrun as fr
 import pytest
 import torch
+from forkrun import REPO, make_text
 
-REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared/data/shakespeare_char/input.txt"
 
 # The test machine has 2 cores that other jobs may share. With one intra-op thread per process,
 # small models run fast and predictably; with several, OpenMP threads spin against each other.
 torch.set_num_threads(1)
-
-
-def make_text(n_chars: int = 6000, seed: int = 0) -> str:
-    """Deterministic pseudo-English: words from a small vocabulary, punctuation and line breaks."""
-    rng = random.Random(seed)
-    words = "the king and queen of a far land spoke to their loyal people about wine bread and war".split()
-    names = ["ROMEO", "JULIET", "KING", "NURSE"]
-    out: list[str] = []
-    size = 0
-    while size < n_chars:
-        line = f"{rng.choice(names)}:\n" + " ".join(rng.choice(words) for _ in range(rng.randint(4, 12)))
-        line += rng.choice([".", "!", "?", ";", ","]) + "\n\n"
-        out.append(line)
-        size += len(line)
-    return "".join(out)[:n_chars]
 
 
 @pytest.fixture(scope="session")
@@ -146,63 +129,27 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return out_dir
 
 
-def _script_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    env.setdefault("OMP_NUM_THREADS", "1")  # see torch.set_num_threads above
-    env.pop("RANK", None)  # never look like a torchrun worker by accident
-    env.update(extra)
-    return env
-
-
 @pytest.fixture
 def script_env() -> dict[str, str]:
     """The environment run_script uses (repository on PYTHONPATH), for tests that need subprocess.Popen."""
-    return _script_env()
+    return fr.script_env()
 
 
 @pytest.fixture
-def run_script(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
-    """run_script(*args, cwd=tmp_path, timeout=120, env=None) runs `python *args` and captures its output.
+def run_script(tmp_path: Path) -> Callable[..., fr.Result]:
+    """run_script(*args, cwd=tmp_path, timeout=120, env=None, input=None) runs `python *args` (see
+    forkrun.run_script) in a temporary folder, so scripts that write relative paths (data/<dataset>,
+    out_dir) never touch the repository."""
 
-    The repository root is on PYTHONPATH and the working directory is a temporary folder, so scripts
-    that write relative paths (data/<dataset>, out_dir) never touch the repository.
-    """
-
-    def run(
-        *args: str | os.PathLike,
-        cwd: Path | None = None,
-        timeout: float = 120,
-        env: dict[str, str] | None = None,
-        input: str | None = None,
-    ) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, *map(str, args)],
-            cwd=cwd or tmp_path,
-            env=_script_env(**(env or {})),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            input=input,
-        )
+    def run(script: str | os.PathLike, *args: str | os.PathLike, cwd: Path | None = None, **kwargs) -> fr.Result:
+        return fr.run_script(script, *args, cwd=cwd or tmp_path, **kwargs)
 
     return run
 
 
 @pytest.fixture(scope="session")
 def assert_user_error() -> Callable[..., None]:
-    """assert_user_error(proc, *fragments): exit status 2, an `error:` message holding each fragment
-    (whitespace-normalised, as the message is wrapped), and no traceback."""
-
-    def check(proc: subprocess.CompletedProcess, *fragments: str) -> None:
-        assert proc.returncode == 2, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-        assert "Traceback" not in proc.stderr, proc.stderr
-        assert proc.stderr.startswith("error: "), proc.stderr
-        message = " ".join(proc.stderr.split())
-        for fragment in fragments:
-            assert fragment in message, f"{fragment!r} not in {message!r}"
-
-    return check
+    return fr.assert_user_error
 
 
 @pytest.fixture

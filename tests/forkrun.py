@@ -45,18 +45,21 @@ TINY = (
     "--learning_rate=1e-2",
 )
 
-if not hasattr(os, "fork"):  # pragma: no cover - Windows
-    pytest.skip("these tests fork child processes", allow_module_level=True)
 
-
-def make_text(n_words: int = 1500, seed: int = 0) -> str:
+def make_text(n_chars: int = 6000, seed: int = 0) -> str:
+    """Deterministic pseudo-English: words from a small vocabulary, speaker names, punctuation, line breaks."""
     import random
 
     rng = random.Random(seed)
-    lines = []
-    for _ in range(n_words // 8):
-        lines.append(" ".join(rng.choice(WORDS) for _ in range(8)) + rng.choice(".,;!?"))
-    return "\n".join(lines) + "\n"
+    names = ["ROMEO", "JULIET", "KING", "NURSE"]
+    out: list[str] = []
+    size = 0
+    while size < n_chars:
+        line = f"{rng.choice(names)}:\n" + " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12)))
+        line += rng.choice([".", "!", "?", ";", ","]) + "\n\n"
+        out.append(line)
+        size += len(line)
+    return "".join(out)[:n_chars]
 
 
 def make_dataset(folder: Path, text: str | None = None) -> Path:
@@ -64,7 +67,7 @@ def make_dataset(folder: Path, text: str | None = None) -> Path:
     from nanogpt.prepare import PrepareOptions, prepare
 
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "input.txt").write_text(make_text() if text is None else text, encoding="utf-8")
+    (folder / "input.txt").write_text(make_text(9000) if text is None else text, encoding="utf-8")
     prepare(PrepareOptions(dataset="tiny", data_dir=str(folder), tokenizer="char"))
     return folder
 
@@ -182,6 +185,8 @@ def start(main: Callable, argv: Sequence[str], cwd: Path, setup: Callable | None
     """Fork a child that runs run_main(main, argv) in cwd, its stdout and stderr going to files.
 
     `setup`, if given, runs in the child first (e.g. to monkeypatch something there only)."""
+    if not hasattr(os, "fork"):  # pragma: no cover - Windows
+        pytest.skip("this test forks child processes")
     if not _warm:
         _warm_up()
     fd, name = tempfile.mkstemp(dir=_log_dir())
@@ -250,33 +255,48 @@ def prepare_main():
     return main
 
 
-def script_env() -> dict[str, str]:
+def script_env(**extra: str) -> dict[str, str]:
+    """The environment of a script run by a test: the repository on PYTHONPATH, one thread (see
+    conftest.py), never mistaken for a torchrun worker, plus `extra`."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env["OMP_NUM_THREADS"] = "1"
     env.pop("RANK", None)
+    env.update(extra)
     return env
 
 
-def popen_script(script: str, *args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """A genuine `python <repo>/<script> args...` (or `python -m args...`) subprocess, text output piped."""
-    cmd = [sys.executable, script if script == "-m" else str(REPO / script), *args]
+def popen_script(script: str | os.PathLike, *args: str | os.PathLike, cwd: Path, env: dict[str, str] | None = None):
+    """A genuine `python <script> args...` subprocess (a path relative to the repository, or a flag such as
+    -m or -c), text output piped."""
+    cmd = [sys.executable, script if str(script).startswith("-") else str(REPO / script), *map(str, args)]
     env = env or script_env()
-    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
-def run_script(script: str, *args: str, cwd: Path, timeout: float = 120, record_losses: Path | None = None) -> Result:
-    """Run popen_script to the end. With record_losses, the fresh interpreter writes every loss there
-    (as loss_recorder does) through a sitecustomize module put first on its PYTHONPATH."""
-    env = script_env()
+def run_script(
+    script: str | os.PathLike,
+    *args: str | os.PathLike,
+    cwd: Path,
+    timeout: float = 120,
+    env: dict[str, str] | None = None,
+    input: str | None = None,
+    record_losses: Path | None = None,
+) -> Result:
+    """Run popen_script to the end, with `env` added to script_env() and `input` on stdin. With
+    record_losses, the fresh interpreter writes every loss there (as loss_recorder does) through a
+    sitecustomize module put first on its PYTHONPATH."""
+    full_env = script_env(**(env or {}))
     if record_losses is not None:
         site = Path(tempfile.mkdtemp(dir=_log_dir()))
         (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-        env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
-        env.update(NANOGPT_TEST_LOSSES=str(record_losses), NANOGPT_TEST_DIR=str(Path(__file__).parent))
-    proc = popen_script(script, *args, cwd=cwd, env=env)
+        full_env["PYTHONPATH"] = os.pathsep.join([str(site), full_env["PYTHONPATH"]])
+        full_env.update(NANOGPT_TEST_LOSSES=str(record_losses), NANOGPT_TEST_DIR=str(Path(__file__).parent))
+    proc = popen_script(script, *args, cwd=cwd, env=full_env)
     try:
-        out, err = proc.communicate(timeout=timeout)
+        out, err = proc.communicate(input=input, timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, err = proc.communicate()

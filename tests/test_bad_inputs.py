@@ -228,7 +228,7 @@ DATA_CASES = {
     "token ids beyond the vocabulary": (
         write("data/tiny/val.bin", b"\xff\xff" * 100),
         TRAIN,
-        ["contains token id 65535", "27 tokens", "do not match"],
+        ["contains token id 65535", "41 tokens", "do not match"],
     ),
     "meta.json not JSON": (write("data/tiny/meta.json", b'{"vocab_size": 27,'), TRAIN, ["meta.json is damaged"]),
     "meta.json without vocab_size": (
@@ -377,6 +377,6 @@ def test_nanogpt_checkpoint_without_its_vocabulary_file(work):
         torch.save(ckpt, work / CKPT)
         (work / "data" / "tiny" / "meta.json").unlink()
 
-    fragments = ["nanoGPT checkpoint with a 27-token vocabulary", "data/tiny/meta.json", "is missing", "meta.pkl"]
+    fragments = ["nanoGPT checkpoint with a 41-token vocabulary", "data/tiny/meta.json", "is missing", "meta.pkl"]
     check(work, as_nanogpt_checkpoint_without_meta, sample(work), *fragments)
     check(work, None, train(work, *RESUME), *fragments)

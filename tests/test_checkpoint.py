@@ -197,13 +197,6 @@ def test_save_into_a_missing_folder_is_a_user_error(tmp_path):
         save_checkpoint(tmp_path / "missing" / "ckpt.pt", make_ckpt())
 
 
-def test_saved_file_has_ordinary_permissions(tmp_path):
-    save_checkpoint(tmp_path / "c.pt", make_ckpt())
-    mask = os.umask(0)
-    os.umask(mask)
-    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o666 & ~mask
-
-
 def test_resume_picks_the_furthest_checkpoint(tmp_path, capsys):
     save_checkpoint(tmp_path / "ckpt.pt", make_ckpt(iter_num=100))
     save_checkpoint(tmp_path / "interrupt.pt", make_ckpt(iter_num=150))
