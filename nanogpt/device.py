@@ -42,6 +42,15 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def native_bf16() -> bool:
+    """Whether this CUDA GPU computes in bfloat16 natively (Ampere and newer). PyTorch's own
+    is_bf16_supported() also says yes for older GPUs that only emulate it, slowly."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # PyTorch before 2.6 has no such argument and counts native support only
+        return torch.cuda.is_bf16_supported()
+
+
 def resolve_dtype(requested: str, device: str, training: bool = False) -> str:
     """'auto' is bfloat16 on CUDA GPUs that support it, float16 on older ones, float32 elsewhere.
 
@@ -53,11 +62,11 @@ def resolve_dtype(requested: str, device: str, training: bool = False) -> str:
     kind = device.split(":")[0]
     if requested == "auto":
         if kind == "cuda":
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            return "bfloat16" if native_bf16() else "float16"
         return "float32"
     if requested not in DTYPES:
         raise UserError(f"unknown --dtype={requested!r}. Use auto, float32, bfloat16 or float16.")
-    if requested == "bfloat16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+    if requested == "bfloat16" and kind == "cuda" and not native_bf16():
         raise UserError("--dtype=bfloat16 is not supported by this GPU (it needs Ampere or newer); use float16.")
     if requested == "float16" and kind == "mps" and training:
         raise UserError(

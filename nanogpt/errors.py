@@ -28,7 +28,7 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as e:  # noqa: BLE001 - reported, never hidden
+    except Exception as e:  # a bug: reported with its traceback, never hidden behind a diagnosis
         traceback.print_exc()
         print(
             f"\nbug: nanogpt stopped on an unexpected {type(e).__name__}. This is not a mistake in your input; please "

@@ -356,9 +356,14 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
         # a checkpoint saved at an evaluation already did the evaluation at its iteration
         skip_eval_at = iter_num if ckpt.get("reason") == "eval" and not o.eval_only else None
         ckpt = None  # free the memory
-        if iter_num > o.max_iters and not o.eval_only:
+        # past max_iters, or saved by the final evaluation (the step after it changes no file): nothing to do
+        finished = iter_num > o.max_iters or (iter_num == o.max_iters and skip_eval_at == iter_num)
+        if finished and not o.eval_only:
             if master:
-                print(f"the checkpoint is at iteration {iter_num}, past --max_iters={o.max_iters}: nothing to do.")
+                print(
+                    f"the checkpoint is at iteration {iter_num}, the end of --max_iters={o.max_iters}: nothing to do. "
+                    "Give a larger --max_iters to train on."
+                )
             return
 
     raw_model = model

@@ -1,6 +1,6 @@
 """The GPU check behind `bash .ci/gpu [RESULTS_DIR]`: what only a real NVIDIA GPU can show, in one run.
 
-It runs, each with a time limit, so that the whole check stays under 8 minutes on one H100/H200:
+It runs, each with a time limit (LIMITS, 8 minutes in all, so it cannot run longer):
   1. the tests that exercise CUDA (the "cuda" cases of tests/test_mixed_precision.py);
   2. the seed GPU command `python train.py config/train_shakespeare_char.py`, verbatim, until the
      first evaluation with val loss <= 1.47 (then SIGTERM: it saves interrupt.pt and stops) or its
@@ -33,6 +33,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 DATA_FILES = ("train.bin", "val.bin", "meta.json")
 TARGET_VAL_LOSS = 1.47
+# seconds each step may take before it is killed: 480 in all, the 8 minutes the check must fit in (on an
+# H100/H200 the steps should need about half of that)
+LIMITS = {"tests": 75, "train": 255, "sample": 40, "bench gpt2": 70, "bench shakespeare_char": 40}
 STEP = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 ITER = re.compile(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms, mfu (-?[\d.]+)%")
 
@@ -53,6 +56,11 @@ def preflight() -> dict[str, Any]:
             f"no CUDA GPU here (torch {torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
             "this check needs a machine with an NVIDIA GPU. Nothing was run."
         )
+    sys.path.insert(0, str(REPO))  # the package from this tree, not installed
+    try:
+        from nanogpt.device import native_bf16
+    except ImportError as e:
+        fail(f"the nanogpt package in {REPO} cannot be imported ({e}); its dependencies must be installed.")
     data = REPO / "data" / "shakespeare_char"
     missing = [name for name in DATA_FILES if not (data / name).is_file()]
     if missing:
@@ -67,7 +75,7 @@ def preflight() -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": sys.version.split()[0],
-        "bf16_supported": torch.cuda.is_bf16_supported(),
+        "native_bf16": native_bf16(),
     }
 
 
@@ -121,7 +129,7 @@ def run_tests(results: Path) -> dict[str, Any]:
         "-k",
         "cuda",
     ]
-    r = run_logged("tests", cmd, results, timeout=180)
+    r = run_logged("tests", cmd, results, timeout=LIMITS["tests"])
     summary = (results / "tests.log").read_text().strip().splitlines()[-1:] or [""]
     r["summary"] = re.sub(r"^\[\s*[\d.]+s\] ", "", summary[0])
     r["passed"] = r["returncode"] == 0
@@ -143,7 +151,9 @@ def run_training(results: Path) -> dict[str, Any]:
             iters.append((int(m[1]), float(m[2]), float(m[3])))
 
     shutil.rmtree(REPO / "out-shakespeare-char", ignore_errors=True)  # a fresh run, as the seed command makes
-    r = run_logged("train", [sys.executable, "train.py", "config/train_shakespeare_char.py"], results, 330, on_line)
+    r = run_logged(
+        "train", [sys.executable, "train.py", "config/train_shakespeare_char.py"], results, LIMITS["train"], on_line
+    )
     steady = sorted(ms for it, ms, _ in iters if it >= 100)
     r.update(
         evals=evals,
@@ -158,20 +168,27 @@ def run_training(results: Path) -> dict[str, Any]:
 
 
 def run_sampling(results: Path) -> dict[str, Any]:
-    r = run_logged("sample", [sys.executable, "sample.py", "--out_dir=out-shakespeare-char"], results, timeout=90)
+    r = run_logged(
+        "sample", [sys.executable, "sample.py", "--out_dir=out-shakespeare-char"], results, timeout=LIMITS["sample"]
+    )
     r["passed"] = r["returncode"] == 0 and "---------------" in (results / "sample.log").read_text()
     return r
 
 
 def run_bench(results: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    runs = {
+    runs = {  # name -> bench options; LIMITS[f"bench {name}"] seconds each
         "gpt2": ["--models=gpt2", "--batch_size=12", "--compile=True", "--sample_tokens=100"],
         "shakespeare_char": ["--models=shakespeare_char"],
     }
     for name, args in runs.items():
         json_path = results / f"bench_{name}.json"
-        r = run_logged(f"bench_{name}", [sys.executable, "bench.py", *args, f"--json={json_path}"], results, 150)
+        r = run_logged(
+            f"bench_{name}",
+            [sys.executable, "bench.py", *args, f"--json={json_path}"],
+            results,
+            LIMITS[f"bench {name}"],
+        )
         r["passed"] = r["returncode"] == 0 and json_path.is_file()
         if r["passed"]:
             m = json.loads(json_path.read_text())["models"][name]

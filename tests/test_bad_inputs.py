@@ -19,6 +19,8 @@ import forkrun as fr
 import pytest
 import torch
 
+from nanogpt.errors import UserError
+
 TRAIN = (*fr.TINY, "--data_dir=data/tiny", "--out_dir=out", "--max_iters=6", "--eval_interval=2")
 RESUME = (*TRAIN, "--init_from=resume")
 SAMPLE = ("--out_dir=out", "--device=cpu", "--num_samples=2", "--max_new_tokens=5")
@@ -197,15 +199,17 @@ def test_bfloat16_on_an_old_gpu(work):
 
 
 def test_auto_dtype_on_an_old_gpu_is_float16(monkeypatch):
+    """A V100 or T4 as recent PyTorch describes it: bfloat16 "supported", but only by emulation."""
     from nanogpt.device import resolve_dtype
 
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert resolve_dtype("auto", "cuda") == "float16"
+    with pytest.raises(UserError, match="not supported by this GPU"):
+        resolve_dtype("bfloat16", "cuda")
 
 
 def test_float16_training_on_mps_is_refused_and_sampling_is_not():
     from nanogpt.device import resolve_dtype
-    from nanogpt.errors import UserError
 
     with pytest.raises(UserError, match="float16 training on mps is not supported.*--dtype=bfloat16"):
         resolve_dtype("float16", "mps", training=True)

@@ -165,3 +165,20 @@ def test_ddp_averages_gradients_across_ranks_and_communicates_only_on_the_last_m
             assert torch.equal(g0[name], local0[name] / 2 + local1[name] / 2), f"step {step}: {name} is not the mean"
         assert any(not torch.equal(local0[n], local1[n]) for n in g0), f"step {step}: the ranks' batches agree"
         assert any(not torch.equal(g0[n], local0[n]) for n in g0), f"step {step}: nothing was averaged"
+
+
+def test_accumulation_steps_must_divide_among_the_processes(
+    run_script, repo_root, tiny_checkpoint, tiny_model_args, tmp_path
+):
+    args = [a for a in tiny_model_args if not a.startswith("--gradient_accumulation_steps")]
+    proc = run_script(
+        "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", repo_root / "train.py", *args,
+        "--gradient_accumulation_steps=3", f"--data_dir={tiny_checkpoint.parent / 'data'}",
+        f"--out_dir={tmp_path / 'out'}", timeout=240,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    # each worker prints the one-paragraph message and exits 2; torchrun then reports the failed workers
+    message = " ".join(proc.stderr.split())
+    assert "error: --gradient_accumulation_steps=3 must be divisible by the number of processes (2)" in message
+    assert "exitcode : 2" in message
+    assert not (tmp_path / "out").exists()

@@ -192,6 +192,10 @@ def test_export_char_checkpoint(tmp_path):
     hf_ids = ref.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=10, pad_token_id=0)
     assert hf_ids.tolist() == expected.tolist()
     assert tokenizer_spec_for(str(tmp_path / "char")) == {"kind": "char", "chars": CHARS}
+    # the export is itself an --init_from folder: loaded back, the same logits
+    again = load_pretrained_gpt2(str(tmp_path / "char")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(all_logits(again, idx), all_logits(ours, idx), atol=1e-5, rtol=0)
 
 
 def test_export_gpt2_vocabulary_checkpoint_with_tokenizer(tmp_path):

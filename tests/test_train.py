@@ -449,3 +449,18 @@ def test_eval_only_resume_of_a_finished_checkpoint_prints_its_losses(
     assert list(eval_losses(out)) == [4]
     assert not ITER.search(out)
     assert (tmp_path / "out" / "ckpt.pt").read_bytes() == before
+
+
+def test_resuming_a_finished_run_trains_nothing_and_says_so(prepare_char_dataset, tiny_model_args, tmp_path, capsys):
+    data_dir = prepare_char_dataset()
+    out_dir = tmp_path / "out"
+    train(tiny_model_args, data_dir, out_dir, "--max_iters=4", "--eval_interval=2")
+    before = (out_dir / "ckpt.pt").read_bytes()
+    for max_iters in (4, 3):  # the run's own end (its final evaluation saved iteration 4), and before it
+        capsys.readouterr()
+        train(tiny_model_args, data_dir, out_dir, f"--max_iters={max_iters}", "--eval_interval=2", "--init_from=resume")
+        out = capsys.readouterr().out
+        assert f"the checkpoint is at iteration 4, the end of --max_iters={max_iters}: nothing to do." in out
+        assert not ITER.search(out) and not STEP.search(out)
+    assert (out_dir / "ckpt.pt").read_bytes() == before
+    assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt"]
