@@ -47,8 +47,10 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 # causal-mask buffers some transformers versions keep in the state dict; they are not weights.
 # The leading dot matters: "attn.c_attn.bias" ends with "attn.bias" but is a real parameter.
 HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
-# HF GPT-2 activation names -> ours: the tanh approximation (OpenAI's GPT-2) and the exact GELU
-HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
+# HF GPT-2 activation names -> ours: the tanh approximation (OpenAI's GPT-2), the exact GELU, ReLU^2
+HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu2": "relu2"}
+# our GPTConfig options that HF's GPT-2 has no counterpart for, with the value that means "off"
+NO_HF_COUNTERPART = {"pos_emb": "learned", "norm": "layernorm", "qk_norm": False, "logit_softcap": 0.0}
 
 CHAR_VOCAB_NAME = "nanogpt_char_vocab.json"  # the character vocabulary of an exported char-level model
 GPT2_TOKENIZER_FILES = (
@@ -113,7 +115,7 @@ def unsupported_features(hf_config: Any) -> list[str]:
     if getattr(c, "activation_function", "gelu_new") not in HF_ACTIVATIONS:
         problems.append(
             f"activation_function={c.activation_function!r} (only 'gelu_new', its equivalent "
-            "'gelu_pytorch_tanh', and 'gelu' are implemented)"
+            "'gelu_pytorch_tanh', 'gelu' and 'relu2' are implemented)"
         )
     if not getattr(c, "scale_attn_weights", True):
         problems.append("scale_attn_weights=False (attention is always scaled by 1/sqrt(head size))")
@@ -127,8 +129,6 @@ def unsupported_features(hf_config: Any) -> list[str]:
     eps = getattr(c, "layer_norm_epsilon", 1e-5)
     if not math.isclose(eps, 1e-5, rel_tol=1e-6):
         problems.append(f"layer_norm_epsilon={eps} (LayerNorm uses 1e-5)")
-    if not getattr(c, "tie_word_embeddings", True):
-        problems.append("tie_word_embeddings=False (the output layer is always tied to the token embedding)")
     if c.n_embd % c.n_head:
         problems.append(f"n_embd={c.n_embd} not divisible by n_head={c.n_head}")
     return problems
@@ -149,6 +149,7 @@ def gpt_config_from_hf(hf_config: Any, dropout: float | None = None) -> GPTConfi
         dropout=0.0 if dropout is None else dropout,
         bias=True,
         activation=HF_ACTIVATIONS[getattr(hf_config, "activation_function", "gelu_new")],
+        tie_weights=getattr(hf_config, "tie_word_embeddings", True),
     )
 
 
@@ -288,6 +289,13 @@ def tokenizer_spec_for(name_or_path: str) -> dict[str, Any]:
 def hf_config_from_gpt(config: GPTConfig, tokenizer_spec: dict[str, Any]) -> Any:
     """A GPT2Config describing our model. <|endoftext|> is set as bos/eos only where it exists: for a
     GPT-2-tokenizer model whose vocabulary reaches id 50256."""
+    unexportable = [f"{k}={getattr(config, k)!r}" for k, off in NO_HF_COUNTERPART.items() if getattr(config, k) != off]
+    if unexportable:
+        raise UserError(
+            f"this model uses {', '.join(unexportable)}, which Hugging Face's GPT-2 architecture has no counterpart "
+            "for, so it cannot be exported as one (its logits would differ). Sample and evaluate it with nanogpt, "
+            "or train without those options to export."
+        )
     transformers = _import_transformers()
     eot = GPT2_EOT if tokenizer_spec.get("kind") == "gpt2" and config.vocab_size > GPT2_EOT else None
     return transformers.GPT2Config(
@@ -297,14 +305,14 @@ def hf_config_from_gpt(config: GPTConfig, tokenizer_spec: dict[str, Any]) -> Any
         n_layer=config.n_layer,
         n_head=config.n_head,
         n_inner=None,
-        activation_function="gelu_new" if config.activation == "gelu_tanh" else "gelu",
+        activation_function={"gelu_tanh": "gelu_new", "gelu": "gelu", "relu2": "relu2"}[config.activation],
         resid_pdrop=config.dropout,
         embd_pdrop=config.dropout,
         attn_pdrop=config.dropout,
         layer_norm_epsilon=1e-5,
         bos_token_id=eot,
         eos_token_id=eot,
-        tie_word_embeddings=True,
+        tie_word_embeddings=config.tie_weights,
     )
 
 
@@ -402,7 +410,8 @@ def export_hf(ckpt: dict[str, Any], dest: str | Path) -> list[Path]:
     leftover = [k for k in result.missing_keys if not k.endswith(HF_BUFFERS) and k != "lm_head.weight"]
     if leftover or result.unexpected_keys:  # a bug, not a user error
         raise RuntimeError(f"export mapping incomplete: missing {leftover}, unexpected {result.unexpected_keys}")
-    hf_model.tie_weights()
+    if model.config.tie_weights:
+        hf_model.tie_weights()
     try:
         dest.mkdir(parents=True, exist_ok=True)
         hf_model.save_pretrained(str(dest))

@@ -5,6 +5,10 @@ token + learned position embeddings, a stack of pre-LayerNorm transformer blocks
 and a language-model head tied to the token embedding. Parameter names follow OpenAI's GPT-2
 checkpoints (wte wpe h ln_f c_attn c_proj c_fc), so loading them is a key mapping (see `hf.py`).
 
+GPTConfig also has switches for what came after GPT-2 (rotary positions, RMSNorm, QK-norm, ReLU^2,
+an untied head, zero-initialised projections, logit soft-capping). All are off by default, and each
+is a small branch here, not a second model.
+
 References:
 1) OpenAI's TensorFlow GPT-2: https://github.com/openai/gpt-2/blob/master/src/model.py
 2) Hugging Face's PyTorch GPT-2: transformers/models/gpt2/modeling_gpt2.py
@@ -23,6 +27,8 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+NORMS = ("layernorm", "rmsnorm")
+
 
 @dataclass
 class GPTConfig:
@@ -36,6 +42,15 @@ class GPTConfig:
     # GELU (Hendrycks & Gimpel 2016) exactly ("gelu", as nanoGPT), or with GPT-2's tanh approximation
     # ("gelu_tanh", needed to reproduce OpenAI's checkpoints). The exact one is ~3x cheaper on CPUs.
     activation: str = "gelu"
+    # Options from the work since GPT-2, all off by default so the defaults stay nanoGPT's GPT-2. The
+    # speedrun configs turn them on; docs/recipe.md measures what each one buys.
+    pos_emb: str = "learned"  # "rope": rotary position embeddings (Su et al. 2021, RoFormer), no wpe table
+    rope_theta: float = 10000.0  # the base of RoPE's frequencies
+    norm: str = "layernorm"  # "rmsnorm": RMSNorm (Zhang & Sennrich 2019), no mean subtraction, no bias
+    qk_norm: bool = False  # RMS-normalise queries and keys per head (Henry et al. 2020; Dehghani et al. 2023)
+    tie_weights: bool = True  # False: an untied output head (modded-nanogpt, nanochat)
+    zero_init_proj: bool = False  # zero-initialise the residual output projections (modded-nanogpt)
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap) (Gemma 2); 0 turns it off
 
     def __post_init__(self) -> None:
         # the one place a model shape is checked; train.py turns these messages into option errors
@@ -50,8 +65,16 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.activation not in ("gelu", "gelu_tanh"):
-            raise ValueError(f"activation must be 'gelu' or 'gelu_tanh', got {self.activation!r}")
+        choices = {"activation": ("gelu", "gelu_tanh", "relu2"), "pos_emb": ("learned", "rope"), "norm": NORMS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(
+                f"pos_emb='rope' needs an even head size, got n_embd / n_head = {self.n_embd // self.n_head}"
+            )
+        if self.rope_theta <= 0 or self.logit_softcap < 0:
+            raise ValueError("rope_theta must be positive and logit_softcap at least 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,6 +125,37 @@ def activation_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+def make_norm(config: GPTConfig) -> nn.Module:
+    """LayerNorm (GPT-2) or RMSNorm: the same `weight` parameter name, so checkpoints keep their keys."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
+
+
+def rope_tables(head_size: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles, (length, head_size / 2): position p turns the pair of
+    dimensions (i, i + head_size/2) by p * theta^(-2i / head_size) (RoFormer, section 3.4)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate queries or keys (B, nh, T, hs) by their positions' angles, cos and sin (T, hs / 2). The dot
+    product of a rotated query and key then depends only on the distance between their positions."""
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class ReLU2(nn.Module):
+    """relu(x)^2, the Primer activation (So et al. 2021): cheaper than GELU and better in speedruns."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -114,14 +168,25 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
         self.dropout = config.dropout
+        self.qk_norm = config.qk_norm
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        pos: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         hs = C // self.n_head
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qk_norm:  # unit-RMS queries and keys keep the attention logits from growing without bound
+            q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
+        if rope is not None:  # positions enter here, as rotations, instead of being added to the input
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, pos)  # (B, nh, block_size, hs)
             # query at absolute position p sees the cache slots 0..p: causal, and blind to unfilled slots
@@ -141,12 +206,15 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
+        if config.activation == "relu2":
+            self.act = ReLU2()
+        else:
+            self.act = nn.GELU(approximate="tanh" if config.activation == "gelu_tanh" else "none")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -154,13 +222,19 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer_idx)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, pos: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, pos)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        pos: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, pos, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -169,27 +243,35 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
-                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embedding
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-            )
+        modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embedding
+        if config.pos_emb == "learned":
+            modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # learned position embedding
+        modules.update(
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=make_norm(config),
         )
+        self.transformer = nn.ModuleDict(modules)
+        if config.pos_emb == "rope":  # derived from the config, so not saved in checkpoints
+            cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying (Press & Wolf 2017): the output projection reuses the token embedding,
-        # which saves vocab_size * n_embd parameters and is what GPT-2 does
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.tie_weights:
+            # weight tying (Press & Wolf 2017): the output projection reuses the token embedding,
+            # which saves vocab_size * n_embd parameters and is what GPT-2 does
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
         # GPT-2 paper, section 2.3: scale the weights of residual projections by 1/sqrt(N), N being
-        # the number of residual layers (2 per block), so the residual stream's variance stays put
+        # the number of residual layers (2 per block), so the residual stream's variance stays put.
+        # With zero_init_proj each block starts as the identity instead (modded-nanogpt).
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                if config.zero_init_proj:
+                    torch.nn.init.zeros_(p)
 
-    def _init_weights(self, module: nn.Module) -> None:
+    def _init_weights(self, module: nn.Module) -> None:  # the one place weights are initialised
         """GPT-2 initialisation: N(0, 0.02) for Linear and Embedding weights, zero biases."""
         if isinstance(module, nn.Linear):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
@@ -199,11 +281,15 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def get_num_params(self, non_embedding: bool = True) -> int:
-        """Number of parameters. Position embeddings are excluded by default, as is customary;
-        token embeddings stay in because they are tied to the output layer."""
+        """Number of parameters. Embedding tables (lookups, no matmul) are excluded by default, as is
+        customary: the learned position embedding, and the token embedding unless the output layer
+        shares it."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
+            if "wpe" in self.transformer:
+                n -= self.transformer.wpe.weight.numel()
+            if not self.config.tie_weights:
+                n -= self.transformer.wte.weight.numel()
         return n
 
     def forward(
@@ -222,26 +308,38 @@ class GPT(nn.Module):
             # the caller keeps cache.length + T <= block_size (generate does); checking here would
             # read the position back from the device at every step
             pos = pos + cache.pos
-        tok_emb = self.transformer.wte(idx)  # (B, T, n_embd)
-        pos_emb = self.transformer.wpe(pos)  # (T, n_embd)
-        x = self.transformer.drop(tok_emb + pos_emb)
+        x = self.transformer.wte(idx)  # token embeddings (B, T, n_embd)
+        rope = None
+        if "wpe" in self.transformer:
+            x = x + self.transformer.wpe(pos)  # plus position embeddings (T, n_embd)
+        else:
+            rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, hs / 2) each
+        x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, cache, pos)
+            x = block(x, cache, pos, rope)
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
-        if targets is not None:
-            logits = self.lm_head(x)  # (B, T, vocab_size)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-            return logits, loss
-        return self.lm_head(x[:, -1:, :]), None  # (B, 1, vocab_size)
+        if targets is None:
+            x = x[:, -1:, :]  # generation needs the last position only
+        logits = self.lm_head(x)  # (B, T, vocab_size), or (B, 1, vocab_size)
+        if self.config.logit_softcap:  # smoothly bounded logits: no token's score can run away
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
 
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context window, e.g. to finetune GPT-2 (1024) with a smaller block_size."""
         if not 0 < block_size <= self.config.block_size:
             raise ValueError(f"block_size must be in 1..{self.config.block_size}, got {block_size}")
         self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        if "wpe" in self.transformer:
+            self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+        else:
+            self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
 
     def configure_optimizer(
         self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str

@@ -326,7 +326,6 @@ def test_missing_transformers_says_what_to_install(monkeypatch, hf_folder):
         (dict(n_inner=100), "n_inner"),
         (dict(layer_norm_epsilon=1e-6), "layer_norm_epsilon"),
         (dict(scale_attn_weights=False), "scale_attn_weights"),
-        (dict(tie_word_embeddings=False), "tie_word_embeddings"),
     ],
 )
 def test_unsupported_gpt2_variants_are_refused_by_name(tmp_path, overrides, named):
@@ -490,3 +489,44 @@ def test_finetune_on_bpe_shakespeare(hf_gpt2_vocab_folder, training_text, tmp_pa
     sample.main([f"--out_dir={out}", "--device=cpu", "--num_samples=2", "--max_new_tokens=8", "--start=ROMEO:"])
     printed = capsys.readouterr().out
     assert printed.count("ROMEO:") == 2 and printed.count("---------------") == 2
+
+
+# ----------------------------------------------------------------------------- modern options
+
+
+def modern_checkpoint(**options) -> dict:
+    torch.manual_seed(5)
+    model = GPT(GPTConfig(block_size=32, vocab_size=len(CHARS), n_layer=2, n_head=2, n_embd=32, **options))
+    randomize(model, seed=5)
+    return checkpoint_of(model, {"kind": "char", "chars": CHARS})
+
+
+def test_untied_head_and_relu2_export_with_logit_parity_and_load_back(tmp_path):
+    """Options with a GPT-2 counterpart (tie_word_embeddings=False, activation_function='relu2') export."""
+    ckpt = modern_checkpoint(tie_weights=False, activation="relu2", zero_init_proj=True)
+    export_hf(ckpt, tmp_path / "modern")
+    config = json.loads((tmp_path / "modern" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False and config["activation_function"] == "relu2"
+    ours, ref = ours_from(ckpt), hf_model(tmp_path / "modern")
+    assert not torch.equal(ours.lm_head.weight, ours.transformer.wte.weight)
+    idx = torch.tensor([[CHARS.index(c) for c in "ROMEO: What, ho!"]])
+    with torch.no_grad():
+        torch.testing.assert_close(ref(idx).logits, all_logits(ours, idx), atol=1e-5, rtol=0)
+        again = load_pretrained_gpt2(str(tmp_path / "modern")).eval()
+        assert again.config.tie_weights is False and again.config.activation == "relu2"
+        torch.testing.assert_close(all_logits(again, idx), all_logits(ours, idx), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        (dict(pos_emb="rope"), "pos_emb='rope'"),
+        (dict(norm="rmsnorm"), "norm='rmsnorm'"),
+        (dict(qk_norm=True), "qk_norm=True"),
+        (dict(logit_softcap=15.0), "logit_softcap=15.0"),
+    ],
+)
+def test_options_without_a_gpt2_counterpart_are_refused_by_name(tmp_path, options, named):
+    with pytest.raises(UserError, match=f"uses {re.escape(named)}, which Hugging Face's GPT-2 architecture has no"):
+        export_hf(modern_checkpoint(**options), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -152,14 +152,15 @@ def test_training_evaluation_and_resume_under_autocast(pattern_data, tmp_path, c
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_eval_only_under_bfloat16_evaluates_the_checkpoint(sure_model, pattern_data, tmp_path, capsys, device):
+@pytest.mark.parametrize("dtype", HALF)
+def test_eval_only_under_autocast_evaluates_the_checkpoint(sure_model, pattern_data, tmp_path, capsys, device, dtype):
     out_dir = tmp_path / "out"
     shutil.copytree(sure_model, out_dir)
     before = (out_dir / "ckpt.pt").read_bytes()
     capsys.readouterr()
-    train_main(train_args(pattern_data, out_dir, device, "--init_from=resume", "--eval_only=True", "--dtype=bfloat16"))
+    train_main(train_args(pattern_data, out_dir, device, "--init_from=resume", "--eval_only=True", f"--dtype={dtype}"))
     (iteration, _, val), *_ = STEP.findall(capsys.readouterr().out)
-    assert int(iteration) == 150 and float(val) < 0.5  # the sure model, evaluated in bfloat16
+    assert int(iteration) == 150 and float(val) < 0.5  # the sure model, evaluated in 16 bits
     assert (out_dir / "ckpt.pt").read_bytes() == before
 
 
@@ -189,14 +190,15 @@ def test_compiled_training_and_sampling_under_bfloat16(pattern_data, sure_model,
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_bench_runs_under_bfloat16(tmp_path, capsys, device):
+@pytest.mark.parametrize("dtype", HALF)
+def test_bench_runs_under_autocast(tmp_path, capsys, device, dtype):
     from nanogpt.bench import main as bench_main
 
     out = tmp_path / "bench.json"
     small = ("--train_steps=1", "--warmup_steps=1", "--gen_tokens=2", "--gen_batch=2", "--sample_tokens=3")
-    bench_main(["--models=seed", f"--device={device}", "--dtype=bfloat16", *small, f"--json={out}"])
+    bench_main(["--models=seed", f"--device={device}", f"--dtype={dtype}", *small, f"--json={out}"])
     result = json.loads(out.read_text())
-    assert result["dtype"] == "bfloat16"
+    assert result["dtype"] == dtype
     seed = result["models"]["seed"]
     assert seed["train"]["ms_per_iter"] > 0 and all(v > 0 for v in seed["generate_tokens_per_s"].values())
     assert seed["sample_workload"]["batched_cache_s"] > 0

@@ -362,3 +362,113 @@ def test_flops_per_token_estimate_matches_pytorchs_flop_counter(shape):
     counted, estimate = counted_training_flops_per_token(model), model.estimate_flops_per_token()
     gains = sum(p.numel() for n, p in model.named_parameters() if "ln" in n)
     assert counted == estimate - 6 * gains
+
+
+# ----------------------------------------------------------------------------- modern options
+
+MODERN = {
+    "rope": dict(pos_emb="rope"),
+    "rmsnorm": dict(norm="rmsnorm"),
+    "qk_norm": dict(qk_norm=True),
+    "relu2": dict(activation="relu2"),
+    "untied": dict(tie_weights=False),
+    "zero_init_proj": dict(zero_init_proj=True),
+    "logit_softcap": dict(logit_softcap=5.0),
+    "all": dict(pos_emb="rope", norm="rmsnorm", qk_norm=True, activation="relu2", tie_weights=False, logit_softcap=5.0),
+}
+
+
+@pytest.mark.parametrize("name", MODERN)
+def test_modern_options_keep_the_kv_cache_equal_to_recomputation(name):
+    """Greedy and sampled decoding, streamed, through the cache (RoPE at absolute positions included) equal
+    full recomputation up to the window edge, and a chunked cached forward gives the full forward's logits."""
+    model = sharp_model(seed=3, **MODERN[name])
+    prompt = random_ids(2, 5, 32, seed=4)
+    new = model.config.block_size - 5 + 1
+    for kwargs in (dict(temperature=0.0), dict(temperature=1.0, top_k=8)):
+        outs = []
+        for use_cache in (True, False):
+            gen = torch.Generator().manual_seed(7)
+            streamed = list(model.generate_stream(prompt, new, use_cache=use_cache, generator=gen, **kwargs))
+            outs.append(torch.cat(streamed, dim=1))
+        assert torch.equal(outs[0], outs[1])
+    idx = random_ids(2, 12, 32, seed=5)
+    with torch.no_grad():
+        full, _ = model(idx, targets=idx)
+        cache = KVCache(model.config, 2, idx.device, torch.float32)
+        parts = [model(idx[:, a:b], targets=idx[:, a:b], cache=cache)[0] for a, b in ((0, 5), (5, 6), (6, 12))]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_attention_depends_on_distance_not_position():
+    """With RoPE and no learned positions, a sequence shifted by k positions (in a longer context whose
+    prefix is masked out by causality) gives the same logits: only relative positions matter."""
+    model = sharp_model(seed=1, pos_emb="rope")
+    assert "wpe" not in model.transformer and "wpe.weight" not in str(list(model.state_dict()))
+    x = random_ids(1, 6, 32, seed=2)
+    cos, sin = model.rope_cos, model.rope_sin
+    q = torch.randn(1, 1, 1, 16)
+    k = torch.randn(1, 1, 1, 16)
+    from nanogpt.model import apply_rope
+
+    def score(i, j):
+        return (apply_rope(q, cos[i : i + 1], sin[i : i + 1]) * apply_rope(k, cos[j : j + 1], sin[j : j + 1])).sum()
+
+    torch.testing.assert_close(score(7, 3), score(12, 8))  # distance 4 either way
+    assert not torch.allclose(score(7, 3), score(7, 4))
+    with torch.no_grad():
+        assert torch.isfinite(model(x, x)[1])
+
+
+def test_options_change_the_parameters_as_documented():
+    base = tiny_model(bias=False)
+    untied = tiny_model(bias=False, tie_weights=False)
+    assert untied.lm_head.weight is not untied.transformer.wte.weight
+    V, C, T = 32, 32, 16
+    assert sum(p.numel() for p in untied.parameters()) == sum(p.numel() for p in base.parameters()) + V * C
+    # the non-embedding count excludes lookup tables: wpe, and wte once it is not the output layer
+    assert untied.get_num_params() == base.get_num_params()
+    rope = tiny_model(bias=False, pos_emb="rope")
+    assert (
+        rope.get_num_params() == base.get_num_params()
+        and rope.get_num_params(False) == base.get_num_params(False) - T * C
+    )
+    rms = tiny_model(norm="rmsnorm")
+    assert isinstance(rms.transformer.ln_f, torch.nn.RMSNorm) and set(rms.state_dict()) <= set(
+        tiny_model().state_dict()
+    )
+    zero = tiny_model(zero_init_proj=True)
+    assert all(p.abs().sum() == 0 for n, p in zero.named_parameters() if n.endswith("c_proj.weight"))
+    capped = sharp_model(logit_softcap=2.0)
+    logits, _ = capped(random_ids(1, 8, 32))
+    assert logits.abs().max() < 2.0
+
+
+def test_defaults_are_unchanged_gpt2():
+    """The options are off by default: the same parameters, drawn in the same order, as before them."""
+    cfg = GPTConfig()
+    assert (cfg.pos_emb, cfg.norm, cfg.qk_norm, cfg.activation, cfg.tie_weights) == (
+        "learned",
+        "layernorm",
+        False,
+        "gelu",
+        True,
+    )
+    assert (cfg.zero_init_proj, cfg.logit_softcap) == (False, 0.0)
+    names = list(tiny_model().state_dict())
+    assert names[:2] == ["transformer.wte.weight", "transformer.wpe.weight"] and names[-1] == "lm_head.weight"
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(pos_emb="alibi"), "pos_emb must be one of learned, rope"),
+        (dict(norm="batchnorm"), "norm must be one of layernorm, rmsnorm"),
+        (dict(activation="swish"), "activation must be one of gelu, gelu_tanh, relu2"),
+        (dict(pos_emb="rope", n_embd=30, n_head=2), "even head size"),
+        (dict(logit_softcap=-1.0), "logit_softcap"),
+    ],
+)
+def test_invalid_options_are_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**bad)

@@ -224,3 +224,41 @@ def test_unusable_data_dir(tmp_path, tiny_corpus):
 def test_option_validation(arg, tmp_path, tiny_corpus):
     with pytest.raises(UserError):
         prepare_main([arg, f"--input={tiny_corpus}", f"--data_dir={tmp_path}"])
+
+
+@pytest.fixture
+def local_http_server(tmp_path):
+    """A real HTTP server on a free loopback port serving tmp_path/www; yields its base URL."""
+    import functools
+    import http.server
+    import threading
+
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_checks_the_sha256_and_keeps_no_partial_file(local_http_server, tmp_path):
+    import hashlib
+
+    from nanogpt.prepare import download
+
+    root, url = local_http_server
+    text = ("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 2000).encode()
+    (root / "input.txt").write_bytes(text)
+    dest = tmp_path / "data" / "input.txt"
+    dest.parent.mkdir()
+    with pytest.raises(UserError, match="has the wrong sha256"):
+        download(f"{url}/input.txt", dest, "0" * 64, timeout=10)
+    assert list(dest.parent.iterdir()) == []  # neither the file nor a temporary one
+    download(f"{url}/input.txt", dest, hashlib.sha256(text).hexdigest(), timeout=10)
+    assert dest.read_bytes() == text
+    with pytest.raises(UserError, match="could not download"):
+        download(f"{url}/missing.txt", tmp_path / "data" / "other.txt", "0" * 64, timeout=10)

@@ -520,3 +520,30 @@ def test_same_seed_gives_identical_runs(straight, tmp_path):
     # and the comparison can tell runs apart: another seed changes the losses
     other = fr.run(fr.train_main(), [*straight.args, "--out_dir=other", "--max_iters=3", "--seed=7"], tmp_path)
     assert log_lines(other.stdout) != log_lines(straight.result.stdout, 0)[: len(log_lines(other.stdout))]
+
+
+def test_a_second_ctrl_c_stops_at_once_and_abandons_the_save(straight, tmp_path):
+    """The first SIGINT asks for a clean stop and interrupt.pt; a second one, while that save is under way
+    (slowed here), interrupts at once: exit 130, the save abandoned, no interrupt.pt and no temporary file."""
+
+    def slow_interrupt_saves() -> None:
+        real_save = torch.save
+
+        def save(obj, f, *args, **kwargs):
+            real_save(obj, f, *args, **kwargs)
+            if obj.get("reason") == "interrupt":
+                time.sleep(30)  # the second Ctrl-C arrives during this
+
+        torch.save = save
+
+    out = tmp_path / "out"
+    args = [*straight.args, "--out_dir=out", "--max_iters=1000000", "--eval_interval=1000000"]
+    child = fr.start(fr.train_main(), args, tmp_path, setup=slow_interrupt_saves)
+    wait_for(lambda: "iter 3:" in child.out.read_text() or child.poll() is not None, what="iteration 3")
+    child.signal(signal.SIGINT)
+    wait_for(lambda: temp_files(out) or child.poll() is not None, 10, "the interrupt save")
+    child.signal(signal.SIGINT)
+    result = child.wait(timeout=20)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.strip().endswith("interrupted") and "Traceback" not in result.stderr
+    assert sorted(os.listdir(out)) == []

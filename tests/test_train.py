@@ -464,3 +464,21 @@ def test_resuming_a_finished_run_trains_nothing_and_says_so(prepare_char_dataset
         assert not ITER.search(out) and not STEP.search(out)
     assert (out_dir / "ckpt.pt").read_bytes() == before
     assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt"]
+
+
+def test_without_always_save_only_an_improved_val_loss_is_saved(
+    prepare_char_dataset, tiny_model_args, tmp_path, capsys, monkeypatch
+):
+    """always_save_checkpoint=False (the shakespeare_char config's choice): ckpt.pt is the best model so far.
+    The evaluated losses are scripted, so which evaluations improve is known."""
+    import nanogpt.train
+
+    val = iter([3.0, 2.5, 2.8, 2.4, 2.6])  # evaluations at iterations 0, 2, 4, 6, 8
+    monkeypatch.setattr(nanogpt.train, "estimate_loss", lambda *args: {"train": 1.0, "val": next(val)})
+    data_dir = prepare_char_dataset()
+    out_dir = tmp_path / "out"
+    train(tiny_model_args, data_dir, out_dir, "--max_iters=8", "--eval_interval=2", "--always_save_checkpoint=False")
+    saves = re.findall(r"^step (\d+): .*\nsaving checkpoint", capsys.readouterr().out, re.M)
+    assert saves == ["2", "6"]  # 2.5 and 2.4 improved; 2.8 and 2.6 did not (0 is never saved)
+    ckpt = load_checkpoint(out_dir / "ckpt.pt")
+    assert ckpt["iter_num"] == 6 and ckpt["best_val_loss"] == 2.4
