@@ -31,6 +31,7 @@ from nanogpt.device import DTYPES, autocast, enable_tf32, resolve_device, resolv
 from nanogpt.errors import UserError, run_main
 from nanogpt.mfu import peak_flops
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.optim import build_optimizers
 
 # name -> (model shape, training batch_size) for the scenarios `--models` can list
 PRESETS: dict[str, tuple[GPTConfig, int]] = {
@@ -89,7 +90,7 @@ def peak_memory_mb(device: str) -> float:
 def bench_train(model: GPT, batch_size: int, o: BenchOptions, device: str, dtype: str, steps: int) -> dict[str, Any]:
     cfg = model.config
     device_type = device.split(":")[0]
-    optimizer = model.configure_optimizer(0.1, 1e-4, (0.9, 0.95), device_type)
+    (optimizer,) = build_optimizers(model, "adamw", 1e-4, 0.1, (0.9, 0.95), device_type)
     step_model = torch.compile(model) if o.compile else model
     gen = torch.Generator().manual_seed(o.seed)
     data = torch.randint(cfg.vocab_size, (batch_size * 8, cfg.block_size + 1), generator=gen).to(device)

@@ -341,23 +341,6 @@ class GPT(nn.Module):
         else:
             self.rope_cos, self.rope_sin = self.rope_cos[:block_size], self.rope_sin[:block_size]
 
-    def configure_optimizer(
-        self, weight_decay: float, learning_rate: float, betas: tuple[float, float], device_type: str
-    ) -> torch.optim.AdamW:
-        """AdamW (Loshchilov & Hutter 2019) with weight decay on 2-D weights only: matmul weights and
-        embeddings decay; biases and LayerNorm gains do not, as in GPT-2/3 practice."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        # the fused kernel does the whole update in one launch; it exists for CUDA, MPS and CPU tensors
-        # in recent PyTorch, while foreach (the fallback) batches the per-tensor loops
-        fused = device_type in ("cuda", "cpu", "mps")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)
-
     def estimate_flops_per_token(self) -> float:
         """Training FLOPs per token: 6N for the matmuls plus attention, PaLM paper appendix B."""
         N = self.get_num_params()

@@ -43,9 +43,14 @@ from nanogpt.errors import UserError, run_main
 from nanogpt.memory import TRAIN_ADVICE, is_out_of_memory, out_of_memory, require, training_bytes
 from nanogpt.mfu import peak_flops
 from nanogpt.model import GPT, GPTConfig
+from nanogpt.optim import OPTIMIZERS, SCHEDULES, build_optimizers, get_lr
 
-MODEL_SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "bias")
-MODEL_OPTIONS = (*MODEL_SHAPE_KEYS, "dropout")  # the options that are GPTConfig fields
+# the GPTConfig fields a resumed run must keep (its weights only fit that model)
+MODEL_SHAPE_KEYS = (
+    "n_layer", "n_head", "n_embd", "block_size", "bias",
+    "activation", "pos_emb", "rope_theta", "norm", "qk_norm", "tie_weights", "logit_softcap",
+)  # fmt: skip
+MODEL_OPTIONS = (*MODEL_SHAPE_KEYS, "dropout", "zero_init_proj")  # the options that are GPTConfig fields
 
 
 @dataclass
@@ -77,7 +82,17 @@ class TrainOptions:
     n_embd: int = option(768, "embedding width; must be divisible by n_head")
     dropout: float = option(0.0, "dropout probability: 0 for pretraining, 0.1+ for finetuning")
     bias: bool = option(False, "biases in Linear and LayerNorm layers (GPT-2 has them)")
+    # model: what came after GPT-2, all off by default (see nanogpt/model.py and docs/recipe.md)
+    activation: str = option("gelu", "MLP activation: gelu (exact, nanoGPT), gelu_tanh (GPT-2's), relu2 (Primer)")
+    pos_emb: str = option("learned", "position embeddings: learned (GPT-2) or rope (rotary, RoFormer)")
+    rope_theta: float = option(10000.0, "the base of the rotary frequencies (pos_emb=rope)")
+    norm: str = option("layernorm", "layernorm (GPT-2) or rmsnorm")
+    qk_norm: bool = option(False, "RMS-normalise each head's queries and keys")
+    tie_weights: bool = option(True, "share the token embedding with the output layer (GPT-2); False unties it")
+    zero_init_proj: bool = option(False, "start every block's output projections at zero (modded-nanogpt)")
+    logit_softcap: float = option(0.0, "cap the logits smoothly at this value (Gemma 2); 0 turns it off")
     # optimizer
+    optimizer: str = option("adamw", "adamw (nanoGPT), or muon: Muon for the blocks' matrices, AdamW for the rest")
     learning_rate: float = option(6e-4, "peak learning rate")
     max_iters: int = option(600000, "total optimizer steps")
     weight_decay: float = option(1e-1, "AdamW weight decay for 2-D weights")
@@ -85,10 +100,24 @@ class TrainOptions:
     beta2: float = option(0.95, "AdamW beta2")
     grad_clip: float = option(1.0, "clip gradients to this global norm; 0 disables")
     # learning rate schedule
-    decay_lr: bool = option(True, "warm up then cosine-decay the learning rate; False keeps it constant")
+    decay_lr: bool = option(True, "warm up then follow lr_schedule; False keeps the learning rate constant")
+    lr_schedule: str = option(
+        "cosine", "cosine (to min_lr at lr_decay_iters, nanoGPT) or wsd (warm-up, stable, linear cool-down to min_lr)"
+    )
+    cooldown_frac: float = option(
+        0.2, "wsd: the last fraction of the run (iterations, or the time budget) cooling down"
+    )
     warmup_iters: int = option(2000, "iterations of linear warm-up")
     lr_decay_iters: int = option(600000, "iteration at which the cosine decay reaches min_lr (~max_iters)")
     min_lr: float = option(6e-5, "final learning rate (~learning_rate / 10, Chinchilla)")
+    # budgets
+    max_seconds: float = option(
+        0.0,
+        "training-time budget in seconds (evaluations excluded; 0: none). The schedule follows the time, so the "
+        "run ends cooled down; a resumed run continues the remaining budget",
+    )
+    target_val_loss: float = option(0.0, "stop at the first evaluation whose val loss is at most this (0: never)")
+    milestones: str = option("", "comma-separated val losses; the closing line says when each was first reached")
     # system
     backend: str = option("auto", "DDP backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo")
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
@@ -121,6 +150,25 @@ class TrainOptions:
             raise UserError("--beta1 and --beta2 must be in [0, 1).")
         if self.backend not in ("auto", "nccl", "gloo"):
             raise UserError(f"--backend must be auto, nccl or gloo, got {self.backend!r}.")
+        if self.optimizer not in OPTIMIZERS or self.lr_schedule not in SCHEDULES:
+            raise UserError(
+                f"--optimizer must be one of {', '.join(OPTIMIZERS)} and --lr_schedule one of {', '.join(SCHEDULES)}; "
+                f"got {self.optimizer!r} and {self.lr_schedule!r}."
+            )
+        if not 0.0 < self.cooldown_frac <= 1.0 or self.max_seconds < 0 or self.target_val_loss < 0:
+            raise UserError("--cooldown_frac must be in (0, 1]; --max_seconds and --target_val_loss at least 0.")
+        try:
+            self.milestone_losses  # noqa: B018 - parsed here so a typo fails before training
+        except ValueError:
+            raise UserError(
+                f"--milestones must be comma-separated numbers, e.g. 1.886,1.6; got {self.milestones!r}."
+            ) from None
+
+    @property
+    def milestone_losses(self) -> list[float]:
+        """The val losses the closing line times: --milestones, and --target_val_loss when set."""
+        values = [float(v) for v in self.milestones.split(",") if v.strip()]
+        return sorted({*values, *([self.target_val_loss] if self.target_val_loss else [])}, reverse=True)
 
     def model_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(vocab_size=vocab_size, **{k: getattr(self, k) for k in MODEL_OPTIONS})
@@ -128,19 +176,6 @@ class TrainOptions:
     @property
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir) if self.data_dir else Path("data") / self.dataset
-
-
-def get_lr(it: int, o: TrainOptions) -> float:
-    """Linear warm-up for warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
-    if not o.decay_lr:
-        return o.learning_rate
-    if it < o.warmup_iters:
-        return o.learning_rate * (it + 1) / (o.warmup_iters + 1)
-    if it > o.lr_decay_iters:
-        return o.min_lr
-    ratio = (it - o.warmup_iters) / max(1, o.lr_decay_iters - o.warmup_iters)
-    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio))  # goes from 1 to 0
-    return o.min_lr + coeff * (o.learning_rate - o.min_lr)
 
 
 # ----------------------------------------------------------------------------- random state
@@ -230,6 +265,26 @@ class StopRequest:
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def closing_line(
+    val: float | None, iters: int, tokens: int, train_seconds: float, wall0: float, milestones: dict
+) -> str:
+    """One line for the end of a run: where it got and how fast, speedrun style."""
+    parts = [
+        f"final val loss {val:.4f}" if val is not None else "no evaluation",
+        f"{iters:,} iterations",
+        f"{tokens:,} tokens",
+        f"{train_seconds:.1f} s of training",
+        f"{time.time() - wall0:.1f} s wall in this process",
+    ]
+    for m, when in milestones.items():
+        parts.append(
+            f"val <= {m} first at {when[0]:.1f} s of training (iteration {when[2]})"
+            if when
+            else f"val <= {m} not reached"
+        )
+    return "done: " + "; ".join(parts)
 
 
 def resume_command(argv: Sequence[str]) -> str:
@@ -343,12 +398,20 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
     # and divides the gradients before the step, skipping steps whose gradients overflowed (Micikevicius
     # et al. 2018, "Mixed Precision Training"). bfloat16 has float32's range and needs no scaling.
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-    optimizer = model.configure_optimizer(o.weight_decay, o.learning_rate, (o.beta1, o.beta2), device_type)
-    iter_num, best_val_loss, skip_eval_at, saved_rng = 0, 1e9, None, None
+    optimizers = build_optimizers(model, o.optimizer, o.learning_rate, o.weight_decay, (o.beta1, o.beta2), device_type)
+    iter_num, best_val_loss, skip_eval_at, saved_rng, train_seconds = 0, 1e9, None, None, 0.0
     if ckpt is not None:
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        if "optimizer" in ckpt:
-            optimizer.load_state_dict(ckpt["optimizer"])
+        train_seconds = ckpt.get("train_seconds", 0.0)  # a time budget goes on from where it stopped
+        saved = [ckpt[k] for k in ("optimizer", "muon_optimizer") if k in ckpt]
+        if saved and len(saved) != len(optimizers):
+            was = "muon" if "muon_optimizer" in ckpt else "adamw"
+            raise UserError(
+                f"the checkpoint was trained with --optimizer={was}; resume with the same optimizer (its state "
+                "cannot be carried over to another one)."
+            )
+        for optimizer, state in zip(optimizers, saved):
+            optimizer.load_state_dict(state)
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         if world == 1:  # restored just before the loop, after everything else that might draw random numbers
@@ -401,8 +464,10 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
         return {
             "model_args": raw_model.config.to_dict(),
             "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizers[0].state_dict(),
+            **({"muon_optimizer": optimizers[1].state_dict()} if len(optimizers) > 1 else {}),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "train_seconds": train_seconds,
             "config": asdict(o),
             "iter_num": iter_num,
             "best_val_loss": best_val_loss,
@@ -428,7 +493,9 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
     # overflowing gradients, not a NaN loss. The first bad iteration is remembered on the device (no
     # host sync per micro-step) and checked whenever the loop syncs anyway: at logging, evaluation and exit.
     first_bad_iter = torch.full((), -1, dtype=torch.long, device=device)
-    t0 = time.time()
+    milestones: dict[float, tuple[float, float, int] | None] = dict.fromkeys(o.milestone_losses)
+    last_val, out_of_time, reached_target = None, False, False
+    t0 = wall0 = time.time()
     local_iter, running_mfu = 0, -1.0
 
     causes = (
@@ -449,12 +516,14 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
     with StopRequest() as stop:
         try:
             while True:
-                lr = get_lr(iter_num, o)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                lr = get_lr(iter_num, o, train_seconds)
+                for optimizer in optimizers:
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
 
-                # eval_only evaluates whatever the iteration: a finished checkpoint is rarely at a multiple
-                if o.eval_only or (iter_num % o.eval_interval == 0 and iter_num != skip_eval_at):
+                # eval_only evaluates whatever the iteration: a finished checkpoint is rarely at a multiple;
+                # a spent time budget gets a last evaluation (and checkpoint) before the run stops
+                if o.eval_only or out_of_time or (iter_num % o.eval_interval == 0 and iter_num != skip_eval_at):
                     check_finite()
                     losses = estimate_loss(model, batches, o, device, ctx, o.seed)
                     if master:
@@ -469,6 +538,11 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
                                     "mfu": running_mfu * 100,
                                 }
                             )
+                    last_val = losses["val"]
+                    for m, when in milestones.items():
+                        if when is None and last_val <= m:
+                            milestones[m] = (train_seconds, time.time() - wall0, iter_num)
+                    reached_target = bool(o.target_val_loss) and last_val <= o.target_val_loss
                     if not all(map(math.isfinite, losses.values())):
                         raise UserError(
                             f"the evaluated loss is NaN or infinite at iteration {iter_num} (train {losses['train']}, "
@@ -483,10 +557,11 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
                             stale = out_dir / INTERRUPT_NAME
                             if stale.exists():
                                 stale.unlink()  # ckpt.pt is now further along
-                if o.eval_only:  # also when resuming: evaluate the checkpoint, train nothing
+                if o.eval_only or out_of_time or reached_target:  # eval_only: evaluate the checkpoint, train nothing
                     break
 
                 # forward/backward with gradient accumulation; DDP all-reduces only on the last micro-step
+                t_step = time.time()
                 for micro_step in range(grad_accum):
                     sync = micro_step == grad_accum - 1
                     no_sync = model.no_sync() if world > 1 and not sync else contextlib.nullcontext()
@@ -497,11 +572,17 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
                     first_bad_iter.masked_fill_(~torch.isfinite(loss.detach()) & (first_bad_iter < 0), iter_num)
                     scaler.scale(loss).backward()
                 if o.grad_clip != 0.0:
-                    scaler.unscale_(optimizer)
+                    for optimizer in optimizers:
+                        scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-                scaler.step(optimizer)
+                for optimizer in optimizers:
+                    scaler.step(optimizer)
                 scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                for optimizer in optimizers:
+                    optimizer.zero_grad(set_to_none=True)
+                if o.max_seconds and device_type == "cuda":
+                    torch.cuda.synchronize()  # a time budget needs the step's real duration, not its launch
+                train_seconds += time.time() - t_step
 
                 t1 = time.time()
                 dt, t0 = t1 - t0, t1
@@ -518,6 +599,7 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
                 bar.update(1)
                 if iter_num > o.max_iters:
                     break
+                out_of_time = bool(o.max_seconds) and train_seconds >= o.max_seconds
                 if stop.signal_name is not None:
                     check_finite()
                     if master:
@@ -530,6 +612,8 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
                         )
                     raise SystemExit(130 if stop.signal_name == "SIGINT" else 143)
             check_finite()  # the last iterations may not have been logged
+            if master and not o.eval_only:
+                log(closing_line(last_val, iter_num, iter_num * tokens_per_iter, train_seconds, wall0, milestones))
         except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
             if not is_out_of_memory(e):
                 raise

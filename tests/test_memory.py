@@ -14,6 +14,7 @@ from nanogpt.device import autocast
 from nanogpt.errors import UserError
 from nanogpt.memory import SAMPLE_ADVICE, available_bytes, generation_bytes, require, training_bytes
 from nanogpt.model import GPT, GPTConfig, KVCache, activation_dtype
+from nanogpt.optim import build_optimizers
 
 CONFIG = GPTConfig(block_size=16, vocab_size=30, n_layer=2, n_head=2, n_embd=16, bias=False)
 
@@ -50,7 +51,7 @@ def test_kv_cache_estimate_is_the_cache_generate_allocates(dtype):
 
 def test_training_estimate_counts_the_real_gradients_and_adamw_moments():
     model = GPT(CONFIG)
-    optimizer = model.configure_optimizer(0.1, 1e-3, (0.9, 0.95), "cpu")
+    (optimizer,) = build_optimizers(model, "adamw", 1e-3, 0.1, (0.9, 0.95), "cpu")
     x = torch.randint(CONFIG.vocab_size, (2, CONFIG.block_size))
     _, loss = model(x, x)
     loss.backward()
