@@ -11,6 +11,8 @@ read it without unpickling arbitrary objects):
     iter_num        the next iteration to run
     best_val_loss   the best validation loss so far
     optimizer       AdamW state_dict (absent in exported or weights-only files)
+    muon_optimizer  Muon state_dict, for runs with --optimizer=muon
+    train_seconds   training time so far (evaluations excluded), which a --max_seconds budget goes on from
     scaler          GradScaler state_dict, when float16 training used one
     rng             random states of Python, numpy, torch, CUDA and the batch sampler
     reason          "eval" (saved at an evaluation) or "interrupt" (saved on Ctrl-C / SIGTERM)

@@ -21,6 +21,7 @@ import math
 
 import torch
 
+from nanogpt.errors import UserError
 from nanogpt.model import GPT
 
 OPTIMIZERS = ("adamw", "muon")
@@ -41,6 +42,11 @@ def build_optimizers(
     fused = device_type in ("cuda", "cpu", "mps")
     optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=fused)]
     if hidden:
+        if not hasattr(torch.optim, "Muon"):
+            raise UserError(
+                f"--optimizer=muon needs torch.optim.Muon, which PyTorch {torch.__version__} does not have (it came "
+                "with PyTorch 2.9). Upgrade PyTorch, or use --optimizer=adamw."
+            )
         matrices = [params[n] for n in sorted(hidden)]
         optimizers.append(
             torch.optim.Muon(matrices, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")

@@ -425,7 +425,7 @@ def test_finetune_sample_and_export_a_hf_folder(hf_gpt2_vocab_folder, tmp_path, 
             "--progress=False",
         ]
     )
-    val = [float(v) for v in re.findall(r"val loss ([0-9.]+)", capsys.readouterr().out)]
+    val = [float(v) for v in re.findall(r"^step \d+: .*, val loss ([0-9.]+)$", capsys.readouterr().out, re.M)]
     assert len(val) == 3
     assert val[0] > 10.0 and val[-1] < 1.5, val  # from chance (ln 50257 = 10.8) to a learnt pattern
 
@@ -483,7 +483,7 @@ def test_finetune_on_bpe_shakespeare(hf_gpt2_vocab_folder, training_text, tmp_pa
             "--progress=False",
         ]
     )
-    val = [float(v) for v in re.findall(r"val loss ([0-9.]+)", capsys.readouterr().out)]
+    val = [float(v) for v in re.findall(r"^step \d+: .*, val loss ([0-9.]+)$", capsys.readouterr().out, re.M)]
     assert len(val) == 3 and val[-1] < val[0] - 2.0, val
     assert load_checkpoint(out / "ckpt.pt")["model_args"]["dropout"] == 0.1
     sample.main([f"--out_dir={out}", "--device=cpu", "--num_samples=2", "--max_new_tokens=8", "--start=ROMEO:"])

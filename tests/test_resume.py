@@ -74,8 +74,11 @@ def assert_bitwise_equal(a, b, where: str = "checkpoint") -> None:
 
 
 def assert_same_training_state(a: dict, b: dict) -> None:
-    """Everything but the options (init_from, max_iters may differ) is bit-identical."""
-    assert_bitwise_equal({k: v for k, v in a.items() if k != "config"}, {k: v for k, v in b.items() if k != "config"})
+    """Everything but the options (init_from, max_iters may differ) and the measured training time is
+    bit-identical; the time is only positive."""
+    assert a["train_seconds"] > 0 and b["train_seconds"] > 0
+    skip = ("config", "train_seconds")
+    assert_bitwise_equal({k: v for k, v in a.items() if k not in skip}, {k: v for k, v in b.items() if k not in skip})
 
 
 def digest(path: Path) -> str:
