@@ -5,8 +5,11 @@
 - Muon (Jordan et al. 2024, "Muon: An optimizer for hidden layers in neural networks") for the 2-D
   weights inside the transformer blocks: momentum whose update is orthogonalised by a few Newton-Schulz
   iterations, so every direction of a weight matrix learns at a similar rate. The embeddings, the
-  output head, gains and biases keep AdamW, as in the modded-nanogpt speedruns. `torch.optim.Muon` does
-  the work; its "match_rms_adamw" scaling lets both share one learning rate.
+  output head, gains and biases keep AdamW, as in the modded-nanogpt speedruns. This is torch.optim.Muon
+  (its state, options and "match_rms_adamw" scaling, which lets both optimizers share one learning rate)
+  with one change: the Newton-Schulz iteration runs in float32 on CPUs. torch.optim.Muon always runs it
+  in bfloat16, which CPUs without bfloat16 units emulate: on the seed CPU model it managed 31 iterations
+  in 30 s where AdamW managed 431 (2-core AVX2 AMD EPYC, 2026-11-29).
 
 Schedules give the learning rate as a fraction of its peak, from the run's progress: the iteration over
 max_iters, or, under a time budget, the elapsed training time over max_seconds, whichever is further.
@@ -26,6 +29,54 @@ from nanogpt.model import GPT
 
 OPTIMIZERS = ("adamw", "muon")
 SCHEDULES = ("cosine", "wsd")
+
+
+def newton_schulz(
+    g: torch.Tensor, steps: int, eps: float, coefficients: tuple[float, float, float], dtype: torch.dtype
+) -> torch.Tensor:
+    """Approximately orthogonalise g (towards U V^T of its SVD): Keller Jordan's quintic Newton-Schulz
+    iteration, X <- a X + (b X X^T + c (X X^T)^2) X, after scaling X to spectral norm at most 1."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    tall = x.size(0) > x.size(1)
+    if tall:  # iterate on the wide orientation: the Gram matrix X X^T is the smaller one
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon with the Newton-Schulz iteration in `ns_dtype` (see the module docstring)."""
+
+    def __init__(self, params, ns_dtype: torch.dtype, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_steps"], group["eps"], group["ns_coefficients"], self.ns_dtype)
+                scale = 0.2 * math.sqrt(max(p.shape))  # "match_rms_adamw": AdamW's update size, AdamW's lr
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-lr * scale)
+        return loss
 
 
 def build_optimizers(
@@ -48,8 +99,9 @@ def build_optimizers(
                 "with PyTorch 2.9). Upgrade PyTorch, or use --optimizer=adamw."
             )
         matrices = [params[n] for n in sorted(hidden)]
+        ns_dtype = torch.float32 if device_type == "cpu" else torch.bfloat16
         optimizers.append(
-            torch.optim.Muon(matrices, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+            Muon(matrices, ns_dtype, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
         )
     return optimizers
 

@@ -5,8 +5,10 @@ It runs, each with a time limit (LIMITS, 8 minutes in all, so it cannot run long
   2. the seed GPU command `python train.py config/train_shakespeare_char.py`, verbatim, until the
      first evaluation with val loss <= 1.47 (then SIGTERM: it saves interrupt.pt and stops) or its
      5000 iterations, with the wall time at which each evaluation was printed;
-  3. the seed sampling command `python sample.py --out_dir=out-shakespeare-char`, verbatim;
-  4. bench.py on the GPT-2 124M shape (batch 12, compiled) for ms/iter and MFU, and on the seed
+  3. the speedrun config `python train.py config/speedrun_shakespeare_char.py` (its closing line: final
+     val loss, and when val <= 1.47 was first reached, in seconds of training);
+  4. the seed sampling command `python sample.py --out_dir=out-shakespeare-char`, verbatim;
+  5. bench.py on the GPT-2 124M shape (batch 12, compiled) for ms/iter and MFU, and on the seed
      GPU model.
 Every figure goes to RESULTS_DIR/gpu_check.json, with the logs beside it.
 
@@ -35,7 +37,7 @@ DATA_FILES = ("train.bin", "val.bin", "meta.json")
 TARGET_VAL_LOSS = 1.47
 # seconds each step may take before it is killed: 480 in all, the 8 minutes the check must fit in (on an
 # H100/H200 the steps should need about half of that)
-LIMITS = {"tests": 75, "train": 255, "sample": 40, "bench gpt2": 70, "bench shakespeare_char": 40}
+LIMITS = {"tests": 60, "train": 230, "speedrun": 70, "sample": 30, "bench gpt2": 60, "bench shakespeare_char": 30}
 STEP = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 ITER = re.compile(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms, mfu (-?[\d.]+)%")
 
@@ -167,6 +169,28 @@ def run_training(results: Path) -> dict[str, Any]:
     return r
 
 
+DONE = re.compile(r"^done: final val loss ([\d.]+); ([\d,]+) iterations.*?; ([\d.]+) s of training")
+REACHED = re.compile(rf"val <= {TARGET_VAL_LOSS} first at ([\d.]+) s of training \(iteration (\d+)\)")
+
+
+def run_speedrun(results: Path) -> dict[str, Any]:
+    """config/speedrun_shakespeare_char.py: the issue-10 target is val <= 1.47 within 30 s of training."""
+    cmd = [sys.executable, "train.py", "config/speedrun_shakespeare_char.py", "--out_dir=out-speedrun"]
+    shutil.rmtree(REPO / "out-speedrun", ignore_errors=True)
+    r = run_logged("speedrun", cmd, results, LIMITS["speedrun"])
+    log = (results / "speedrun.log").read_text()
+    done = next((m for line in log.splitlines() if (m := DONE.search(line))), None)
+    reached = REACHED.search(log)
+    r.update(
+        final_val_loss=float(done[1]) if done else None,
+        iterations=int(done[2].replace(",", "")) if done else None,
+        train_seconds=float(done[3]) if done else None,
+        seconds_to_target=float(reached[1]) if reached else None,
+        passed=r["returncode"] == 0 and done is not None,
+    )
+    return r
+
+
 def run_sampling(results: Path) -> dict[str, Any]:
     r = run_logged(
         "sample", [sys.executable, "sample.py", "--out_dir=out-shakespeare-char"], results, timeout=LIMITS["sample"]
@@ -212,7 +236,8 @@ def main(argv: list[str]) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     report["commit"] = commit.stdout.strip() or None
     t0 = time.monotonic()
-    for name, step in (("tests", run_tests), ("train", run_training), ("sample", run_sampling), ("bench", run_bench)):
+    steps = (("tests", run_tests), ("train", run_training), ("speedrun", run_speedrun), ("sample", run_sampling))
+    for name, step in (*steps, ("bench", run_bench)):
         report[name] = step(results)
         (results / "gpu_check.json").write_text(json.dumps(report, indent=1))  # kept even if a later step dies
     report["total_seconds"] = time.monotonic() - t0
@@ -221,6 +246,7 @@ def main(argv: list[str]) -> int:
     ok = {
         "tests": report["tests"]["passed"],
         "train": report["train"]["passed"],
+        "speedrun": report["speedrun"]["passed"],
         "sample": report["sample"]["passed"],
         **{f"bench {k}": v["passed"] for k, v in report["bench"].items()},
     }

@@ -41,7 +41,8 @@ VARIANTS: dict[str, list[str]] = {
     "zero_init_proj": ["--zero_init_proj=True"],
     "logit_softcap": ["--logit_softcap=15"],
     "batch32": ["--batch_size=32"],
-    "lr2e-3": ["--learning_rate=2e-3", "--min_lr=2e-4"],
+    # what helped, together: the speedrun configs' choice (config/speedrun_shakespeare_char*.py)
+    "recipe": ["--pos_emb=rope", "--qk_norm=True", "--activation=relu2", "--lr_schedule=wsd", "--optimizer=muon"],
 }
 DONE = re.compile(r"^done: final val loss ([\d.]+); ([\d,]+) iterations")
 

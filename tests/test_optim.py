@@ -152,3 +152,27 @@ def test_target_val_loss_stops_at_the_first_evaluation_reaching_it(
     assert re.search(r"val <= 2\.8 first at [\d.]+ s of training \(iteration 2\)", closing)
     assert re.search(r"val <= 2\.2 first at [\d.]+ s of training \(iteration 4\)", closing)
     assert "val <= 1.0 not reached" in closing
+
+
+def test_our_muon_is_torchs_muon_with_a_choice_of_iteration_dtype():
+    """In bfloat16 it is torch.optim.Muon step for step, bit for bit, with the same state; in float32 (on
+    CPUs) the update is still an approximate orthogonalisation: singular values near 1."""
+    from nanogpt.optim import Muon, newton_schulz
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(8, 16)), torch.nn.Parameter(torch.randn(24, 8))]
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    kwargs = dict(lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    reference, ours = torch.optim.Muon(copies, **kwargs), Muon(params, torch.bfloat16, **kwargs)
+    for _ in range(3):
+        for p, c in zip(params, copies):
+            p.grad = torch.randn_like(p)
+            c.grad = p.grad.clone()
+        reference.step()
+        ours.step()
+    for p, c in zip(params, copies):
+        assert torch.equal(p, c)
+    assert str(ours.state_dict()) == str(reference.state_dict())
+    g = torch.randn(32, 64)
+    s = torch.linalg.svdvals(newton_schulz(g, 5, 1e-7, (3.4445, -4.775, 2.0315), torch.float32))
+    assert 0.5 < s.min() and s.max() < 1.5  # Keller Jordan's iteration: S' ~ Uniform(0.5, 1.5), not exactly 1
