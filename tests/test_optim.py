@@ -176,3 +176,29 @@ def test_our_muon_is_torchs_muon_with_a_choice_of_iteration_dtype():
     g = torch.randn(32, 64)
     s = torch.linalg.svdvals(newton_schulz(g, 5, 1e-7, (3.4445, -4.775, 2.0315), torch.float32))
     assert 0.5 < s.min() and s.max() < 1.5  # Keller Jordan's iteration: S' ~ Uniform(0.5, 1.5), not exactly 1
+
+
+def test_the_speedrun_configs_turn_the_recipe_on_and_train(tmp_path, capsys):
+    """Both speedrun configs parse into valid options with the recipe's techniques, and the CPU one trains
+    (a few seconds of its budget, on generated data) through to its closing line."""
+    from forkrun import make_dataset
+
+    from nanogpt.config import parse_args
+
+    for name in ("speedrun_shakespeare_char_cpu.py", "speedrun_shakespeare_char.py"):
+        o, _ = parse_args(TrainOptions, [f"config/{name}"], "train", "")
+        assert (o.pos_emb, o.qk_norm, o.activation, o.optimizer, o.lr_schedule) == (
+            "rope",
+            True,
+            "relu2",
+            "muon",
+            "wsd",
+        )
+        assert o.max_seconds > 0 and o.max_iters >= 100000
+    data = make_dataset(tmp_path / "data")
+    small = ("--max_seconds=2", "--n_layer=1", "--n_embd=32", "--block_size=16", "--eval_iters=2")
+    train_main(
+        ["config/speedrun_shakespeare_char_cpu.py", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", *small]
+    )
+    assert "done: final val loss" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["model_args"]["pos_emb"] == "rope"
