@@ -482,3 +482,16 @@ def test_without_always_save_only_an_improved_val_loss_is_saved(
     assert saves == ["2", "6"]  # 2.5 and 2.4 improved; 2.8 and 2.6 did not (0 is never saved)
     ckpt = load_checkpoint(out_dir / "ckpt.pt")
     assert ckpt["iter_num"] == 6 and ckpt["best_val_loss"] == 2.4
+
+
+def test_cuda_random_states_of_another_gpu_count_are_skipped_with_a_warning(monkeypatch, capsys):
+    """A checkpoint from a 2-GPU machine resumed on a 1-GPU one: the CUDA generators start afresh, and say so."""
+    from nanogpt.train import rng_state, set_rng_state
+
+    gen = torch.Generator().manual_seed(0)
+    state = {**rng_state(gen), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("must not be called"))
+    set_rng_state(state, gen)
+    assert "holds the random states of 2 GPU(s) and this machine has 1" in capsys.readouterr().err
