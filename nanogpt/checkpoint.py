@@ -72,7 +72,7 @@ def nonfinite_weights(state_dict: dict[str, torch.Tensor]) -> list[str]:
     names = [k for k, v in state_dict.items() if torch.is_tensor(v) and v.is_floating_point()]
     if not names:
         return []
-    finite = torch.stack([torch.isfinite(state_dict[k]).all().cpu() for k in names]).tolist()
+    finite = torch.stack([torch.isfinite(state_dict[k]).all() for k in names]).tolist()
     return [k for k, ok in zip(names, finite) if not ok]
 
 
