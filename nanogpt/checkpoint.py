@@ -268,3 +268,23 @@ def load_resume_checkpoint(out_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     for path, e in damaged:
         print(f"warning: skipping {path}: {e}", file=sys.stderr)
     return max(found, key=lambda pc: pc[1].get("iter_num", 0))
+
+
+def load_inference_model(init_from: str, out_dir: str | Path) -> tuple[GPT, Tokenizer, str]:
+    """The model to sample, evaluate or serve, its tokenizer, and where it came from: the checkpoint in
+    out_dir (init_from="resume"), or OpenAI's GPT-2 / a Hugging Face folder (needs transformers)."""
+    if init_from == "resume":
+        path = checkpoint_for_sampling(out_dir)
+        ckpt = load_checkpoint(path)
+        model, tok, source = model_from_checkpoint(ckpt), tokenizer_from_checkpoint(ckpt), str(path)
+    else:
+        from nanogpt.hf import load_pretrained_gpt2, tokenizer_spec_for
+
+        model, tok = load_pretrained_gpt2(init_from), tokenizer_from_spec(tokenizer_spec_for(init_from))
+        source = init_from
+    if tok.vocab_size > model.config.vocab_size:
+        raise UserError(
+            f"{source} is damaged: its tokenizer has {tok.vocab_size} tokens but its model only "
+            f"{model.config.vocab_size}."
+        )
+    return model, tok, source

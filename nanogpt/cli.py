@@ -3,6 +3,7 @@
 nanogpt prepare shakespeare_char
 nanogpt train config/train_shakespeare_char.py --device=cpu --compile=False
 nanogpt sample --out_dir=out-shakespeare-char
+nanogpt serve --out_dir=out-shakespeare-char
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ COMMANDS = {
     "train": ("nanogpt.train", "train or finetune a model (torchrun for several GPUs/processes)"),
     "sample": ("nanogpt.sample", "generate text from a checkpoint or from OpenAI's GPT-2"),
     "bench": ("nanogpt.bench", "measure training and generation speed"),
+    "eval": ("nanogpt.evaluate", "loss, perplexity and bits per character/byte of a model on a text"),
+    "plot": ("nanogpt.plot", "loss curves of one or several runs as a PNG"),
+    "serve": ("nanogpt.serve", "a playground page and an OpenAI-compatible API for a model"),
     "export": ("nanogpt.export", "write a checkpoint as a Hugging Face GPT-2 folder"),
     "openwebtext": ("nanogpt.openwebtext", "download and tokenize OpenWebText with Hugging Face datasets"),
 }

@@ -3,9 +3,9 @@
 Every command describes its options as a dataclass whose fields carry a default and a one-line
 `help`. `parse_args` fills it from, in order: the defaults, config files given as positional
 arguments (nanoGPT syntax: `n_layer = 6`, `gradient_accumulation_steps = 5 * 8`), then `--key=value`
-overrides. Config files are parsed with `ast` and evaluated by a tiny interpreter that only knows
-literals, arithmetic and names assigned earlier in the same file: nothing in them is ever executed,
-unlike nanoGPT's `exec`.
+overrides (a bare `--flag` sets a True/False option to True). Config files are parsed with `ast` and
+evaluated by a tiny interpreter that only knows literals, arithmetic and names assigned earlier in the
+same file: nothing in them is ever executed, unlike nanoGPT's `exec`.
 """
 
 from __future__ import annotations
@@ -201,16 +201,20 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
 # ----------------------------------------------------------------------------- the parser
 
 
-def format_help(cls: type, prog: str, description: str) -> str:
-    lines = [f"usage: {prog} [config_file.py ...] [--key=value ...]", "", description.strip(), "", "options:"]
+CONFIG_FILES = "[config_file.py ...]"
+
+
+def format_help(cls: type, prog: str, description: str, positional: str = CONFIG_FILES) -> str:
+    lines = [f"usage: {prog} {positional} [--key=value ...]", "", description.strip(), "", "options:"]
     types = _field_types(cls)
     for f in dataclasses.fields(cls):
         default = f.default
         lines.append(f"  --{f.name}={default!r}  ({_type_name(types[f.name])})")
         lines.append(textwrap.indent(textwrap.fill(f.metadata.get("help", ""), 88), " " * 6))
-    lines.append("")
-    lines.append("Config files use Python assignment syntax (n_layer = 6) and are parsed, never executed;")
-    lines.append("a name that is not a path is looked up among the configs bundled with nanogpt.")
+    if positional == CONFIG_FILES:
+        lines.append("")
+        lines.append("Config files use Python assignment syntax (n_layer = 6) and are parsed, never executed;")
+        lines.append("a name that is not a path is looked up among the configs bundled with nanogpt.")
     return "\n".join(lines)
 
 
@@ -220,7 +224,9 @@ def unknown_option(name: str, valid: Sequence[str], where: str) -> UserError:
     return UserError(f"unknown option '{name}' {where}.{hint}")
 
 
-def parse_args(cls: type[T], argv: Sequence[str], prog: str, description: str) -> tuple[T, set[str]]:
+def parse_args(
+    cls: type[T], argv: Sequence[str], prog: str, description: str, positional: str = CONFIG_FILES
+) -> tuple[T, set[str]]:
     """Build a `cls` from config files and `--key=value` arguments.
 
     Returns the options and the set of names the user set explicitly (in a file or on the command
@@ -232,16 +238,16 @@ def parse_args(cls: type[T], argv: Sequence[str], prog: str, description: str) -
     values: dict[str, Any] = {}
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(format_help(cls, prog, description))
+            print(format_help(cls, prog, description, positional))
             raise SystemExit(0)
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
             key = key.replace("-", "_")
-            if not eq:
-                raise UserError(f"option '{arg}' has no value. Write it as --{key}=VALUE.")
             if key not in types:
                 raise unknown_option(key, valid, "on the command line")
-            values[key] = coerce(key, types[key], raw)
+            if not eq and types[key] is not bool:  # a bare --flag means --flag=True
+                raise UserError(f"option '{arg}' has no value. Write it as --{key}=VALUE.")
+            values[key] = coerce(key, types[key], raw if eq else True)
         elif arg.startswith("-"):
             raise UserError(f"unrecognised argument '{arg}'. Options are written --key=value; see --help.")
         else:

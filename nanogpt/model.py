@@ -358,8 +358,11 @@ class GPT(nn.Module):
         top_p: float | None = None,
         use_cache: bool = True,
         generator: torch.Generator | None = None,
-    ) -> Iterator[torch.Tensor]:
-        """Yield max_new_tokens next tokens, each (B, 1), continuing the prompts idx (B, T).
+        with_logits: bool = False,
+    ) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield max_new_tokens next tokens, each (B, 1), continuing the prompts idx (B, T); with
+        `with_logits`, pairs of the token and the float32 logits (B, vocab_size) it was drawn from
+        (before temperature and filtering: the model's own distribution, for log-probabilities).
 
         With `use_cache` the prompt is encoded once and each step feeds one token. When the context
         reaches block_size the oldest half of the window is dropped and the rest re-encoded (learned
@@ -373,7 +376,7 @@ class GPT(nn.Module):
                 logits, _ = self(idx[:, -block_size:])
                 nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
                 idx = torch.cat((idx, nxt), dim=1)
-                yield nxt
+                yield (nxt, logits[:, -1, :].float()) if with_logits else nxt
             return
         param = self.lm_head.weight
         # The cache holds keys and values in the dtype the attention projections produce: bfloat16 or
@@ -385,7 +388,7 @@ class GPT(nn.Module):
         filled = context.size(1)  # = cache.length, counted here so the loop never waits on the device
         for i in range(max_new_tokens):
             nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
-            yield nxt
+            yield (nxt, logits[:, -1, :].float()) if with_logits else nxt
             if i == max_new_tokens - 1:
                 break
             context = torch.cat((context, nxt), dim=1)

@@ -83,7 +83,7 @@ def build_optimizers(
     model: GPT, name: str, learning_rate: float, weight_decay: float, betas: tuple[float, float], device_type: str
 ) -> list[torch.optim.Optimizer]:
     """AdamW alone, or Muon for the blocks' matrices plus AdamW for the rest; all groups follow one
-    learning rate (get_lr)."""
+    schedule (get_lr, set_lr)."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     hidden = {n for n, p in params.items() if name == "muon" and p.dim() == 2 and n.startswith("transformer.h.")}
     decay = [p for n, p in params.items() if n not in hidden and p.dim() >= 2]
@@ -104,6 +104,14 @@ def build_optimizers(
             Muon(matrices, ns_dtype, lr=learning_rate, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
         )
     return optimizers
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], lr: float, muon_scale: float = 1.0) -> float:
+    """Set the learning rate of every group: `lr`, times `muon_scale` for Muon's. Returns lr."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = lr * muon_scale if isinstance(optimizer, torch.optim.Muon) else lr
+    return lr
 
 
 def get_lr(it: int, o, seconds: float = 0.0) -> float:

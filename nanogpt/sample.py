@@ -19,17 +19,12 @@ from typing import Optional
 
 import torch
 
-from nanogpt.checkpoint import (
-    checkpoint_for_sampling,
-    load_checkpoint,
-    model_from_checkpoint,
-    tokenizer_from_checkpoint,
-)
+from nanogpt.checkpoint import load_inference_model
 from nanogpt.config import option, parse_args
 from nanogpt.device import DTYPES, autocast, enable_tf32, resolve_device, resolve_dtype
 from nanogpt.errors import UserError, run_main
 from nanogpt.memory import SAMPLE_ADVICE, generation_bytes, is_out_of_memory, out_of_memory, require
-from nanogpt.tokenizer import GPT2_EOT, GPT2Tokenizer, Tokenizer, tokenizer_from_spec
+from nanogpt.tokenizer import GPT2_EOT, GPT2Tokenizer, Tokenizer
 
 SEPARATOR = "---------------"
 
@@ -83,25 +78,6 @@ def read_prompt(start: str) -> str:
         raise UserError(f"cannot read the prompt file {path}: {e.strerror}.") from None
 
 
-def load_model(o: SampleOptions):
-    """The model and its tokenizer, from out_dir or from a GPT-2 checkpoint."""
-    if o.init_from == "resume":
-        path = checkpoint_for_sampling(o.out_dir)
-        ckpt = load_checkpoint(path)
-        model, tok, source = model_from_checkpoint(ckpt), tokenizer_from_checkpoint(ckpt), str(path)
-    else:
-        from nanogpt.hf import load_pretrained_gpt2, tokenizer_spec_for
-
-        model, tok = load_pretrained_gpt2(o.init_from), tokenizer_from_spec(tokenizer_spec_for(o.init_from))
-        source = o.init_from
-    if tok.vocab_size > model.config.vocab_size:
-        raise UserError(
-            f"{source} is damaged: its tokenizer has {tok.vocab_size} tokens but its model only "
-            f"{model.config.vocab_size}."
-        )
-    return model, tok
-
-
 def encode_prompt(tok: Tokenizer, text: str) -> list[int]:
     ids = tok.encode(text)
     if not ids:
@@ -118,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     dtype = resolve_dtype(o.dtype, device)
     torch.manual_seed(o.seed)
     enable_tf32(device)
-    model, tok = load_model(o)
+    model, tok, _ = load_inference_model(o.init_from, o.out_dir)
     model.eval().to(device)
     if o.compile:  # the forward pass generate() calls; the static-shape KV cache keeps it to a few graphs
         model.forward = torch.compile(model.forward)

@@ -12,6 +12,7 @@ either with --init_from=resume.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 import random
@@ -27,6 +28,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from nanogpt.atomic import remove_stale_temp_files
 from nanogpt.checkpoint import (
@@ -41,9 +43,10 @@ from nanogpt.data import TokenBatches, read_meta
 from nanogpt.device import DTYPES, autocast, enable_tf32, resolve_device, resolve_dtype
 from nanogpt.errors import UserError, run_main
 from nanogpt.memory import TRAIN_ADVICE, is_out_of_memory, out_of_memory, require, training_bytes
+from nanogpt.metrics import METRICS_NAME, MetricsWriter
 from nanogpt.mfu import peak_flops
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.optim import OPTIMIZERS, SCHEDULES, build_optimizers, get_lr
+from nanogpt.optim import OPTIMIZERS, SCHEDULES, build_optimizers, get_lr, set_lr
 
 # the GPTConfig fields a resumed run must keep (its weights only fit that model)
 MODEL_SHAPE_KEYS = (
@@ -94,6 +97,9 @@ class TrainOptions:
     # optimizer
     optimizer: str = option("adamw", "adamw (nanoGPT), or muon: Muon for the blocks' matrices, AdamW for the rest")
     learning_rate: float = option(6e-4, "peak learning rate")
+    muon_lr_scale: float = option(
+        1.0, "muon: Muon's learning rate as a multiple of learning_rate (1: AdamW's update size, see optim.py)"
+    )
     max_iters: int = option(600000, "total optimizer steps")
     weight_decay: float = option(1e-1, "AdamW weight decay for 2-D weights")
     beta1: float = option(0.9, "AdamW beta1")
@@ -144,8 +150,16 @@ class TrainOptions:
             self.model_config(vocab_size=1)
         except ValueError as e:  # GPTConfig names its fields; here they are options
             raise UserError(re.sub(rf"\b({'|'.join(MODEL_OPTIONS)})\b", r"--\1", f"{e}.")) from None
-        if self.learning_rate <= 0 or self.min_lr < 0 or self.weight_decay < 0 or self.grad_clip < 0:
-            raise UserError("--learning_rate must be positive; --min_lr, --weight_decay and --grad_clip >= 0.")
+        if (
+            self.learning_rate <= 0
+            or self.muon_lr_scale <= 0
+            or self.min_lr < 0
+            or self.weight_decay < 0
+            or self.grad_clip < 0
+        ):
+            raise UserError(
+                "--learning_rate and --muon_lr_scale must be positive; --min_lr, --weight_decay and --grad_clip >= 0."
+            )
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise UserError("--beta1 and --beta2 must be in [0, 1).")
         if self.backend not in ("auto", "nccl", "gloo"):
@@ -267,26 +281,6 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def closing_line(
-    val: float | None, iters: int, tokens: int, train_seconds: float, wall0: float, milestones: dict
-) -> str:
-    """One line for the end of a run: where it got and how fast, speedrun style."""
-    parts = [
-        f"final val loss {val:.4f}" if val is not None else "no evaluation",
-        f"{iters:,} iterations",
-        f"{tokens:,} tokens",
-        f"{train_seconds:.1f} s of training",
-        f"{time.time() - wall0:.1f} s wall in this process",
-    ]
-    for m, when in milestones.items():
-        parts.append(
-            f"val <= {m} first at {when[0]:.1f} s of training (iteration {when[2]})"
-            if when
-            else f"val <= {m} not reached"
-        )
-    return "done: " + "; ".join(parts)
-
-
 def resume_command(argv: Sequence[str]) -> str:
     args = [a for a in argv if not a.startswith("--init_from=")]
     return shlex.join(["python", "train.py", *args, "--init_from=resume"])
@@ -329,6 +323,7 @@ def build_model(o: TrainOptions, explicit: set[str], meta: dict) -> tuple[GPT, d
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    started = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
     o, explicit = parse_args(TrainOptions, argv, "python train.py", __doc__ or "")
 
@@ -353,34 +348,160 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         rank, world, grad_accum = 0, 1, o.gradient_accumulation_steps
         device = resolve_device(o.device)
-    master = rank == 0
     try:
-        train(o, explicit, argv, device, rank, world, grad_accum, master)
+        train(o, explicit, argv, Place(device, rank, world, grad_accum), started)
+    except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(e):
+            raise
+        raise out_of_memory(device, TRAIN_ADVICE) from None
     finally:
         if ddp:
             dist.destroy_process_group()
 
 
-def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
-    device_type = device.split(":")[0]
-    dtype = resolve_dtype(o.dtype, device, training=True)
-    tokens_per_iter = grad_accum * world * o.batch_size * o.block_size
-    if master:
+def train(o: TrainOptions, explicit: set[str], argv: list[str], at: Place, started: float) -> None:
+    """The training loop, nanoGPT's: evaluate and checkpoint every eval_interval, one optimizer step
+    per iteration, until max_iters, the time budget, the target loss or a signal."""
+    dtype = resolve_dtype(o.dtype, at.device, training=True)
+    tokens_per_iter = at.grad_accum * at.world * o.batch_size * o.block_size
+    if at.master:
         print(f"tokens per iteration will be: {tokens_per_iter:,}")
-    torch.manual_seed(o.seed + rank)
-    random.seed(o.seed + rank)
-    np.random.seed(o.seed + rank)
-    data_gen = torch.Generator().manual_seed(o.seed + rank)
-    enable_tf32(device)
-    ctx = autocast(device, dtype)
+    state, batches, resumed = setup(o, explicit, at, dtype)
+    skip_eval_at = None
+    if resumed is not None:
+        # a checkpoint saved at an evaluation already did the evaluation at its iteration
+        skip_eval_at = state.iter_num if resumed["reason"] == "eval" and not o.eval_only else None
+        # past max_iters, or saved by the final evaluation (the step after it changes no file): nothing to do
+        finished = state.iter_num > o.max_iters or (state.iter_num == o.max_iters and skip_eval_at == state.iter_num)
+        if finished and not o.eval_only:
+            if at.master:
+                print(
+                    f"the checkpoint is at iteration {state.iter_num}, the end of --max_iters={o.max_iters}: "
+                    "nothing to do. Give a larger --max_iters to train on."
+                )
+            return
+    model = wrap_model(state.model, o, at)
+    out_dir = prepare_out_dir(o.out_dir) if at.master else Path(o.out_dir)
+    ctx = autocast(at.device, dtype)
+    watch = DivergenceWatch(at.device)
+    flops_per_iter = state.model.estimate_flops_per_token() * tokens_per_iter / at.world
+    peak = peak_flops(at.device, DTYPES[dtype]) if at.master else 1.0
+    metrics = None
+    if at.master and not o.eval_only:  # a resumed run continues the file, a new one sets the old file aside
+        resume_iter = state.iter_num if resumed is not None else None
+        metrics = MetricsWriter(out_dir, resume_iter, eval_done=skip_eval_at is not None)
+    out_of_time = reached_target = False
+    with (
+        StopRequest() as stop,
+        TrainLog(o, state.iter_num, at.master, flops_per_iter / peak, tokens_per_iter, metrics, started) as log,
+    ):
+        if resumed is not None and resumed["rng"] is not None and at.world == 1:
+            # restored last, after everything that might draw random numbers: the run continues exactly
+            set_rng_state(resumed["rng"], state.data_gen)
+        while True:
+            lr = set_lr(state.optimizers, get_lr(state.iter_num, o, state.train_seconds), o.muon_lr_scale)
+            # eval_only evaluates whatever the iteration: a finished checkpoint is rarely at a multiple;
+            # a spent time budget gets a last evaluation (and checkpoint) before the run stops
+            if o.eval_only or out_of_time or (state.iter_num % o.eval_interval == 0 and state.iter_num != skip_eval_at):
+                watch.check()
+                val = evaluate_and_checkpoint(model, state, batches, o, at, ctx, log, out_dir, lr)
+                reached_target = o.target_val_loss > 0 and val <= o.target_val_loss
+            if o.eval_only or out_of_time or reached_target:  # eval_only: evaluate the checkpoint, train nothing
+                break
 
-    data_dir = o.resolved_data_dir
-    meta = read_meta(data_dir)
+            t_step = time.time()
+            loss = train_step(model, state, batches, o, at, ctx, watch)
+            if o.max_seconds and at.device.startswith("cuda"):
+                torch.cuda.synchronize()  # a time budget needs the step's real duration, not its launch
+            state.train_seconds += time.time() - t_step
+            log.iteration(state.iter_num, loss, lr, watch)
+            state.iter_num += 1
+            if state.iter_num > o.max_iters:
+                break
+            out_of_time = o.max_seconds > 0 and state.train_seconds >= o.max_seconds
+            if stop.signal_name is not None:
+                save_interrupt(state, o, at, out_dir, argv, stop.signal_name, watch, log)
+        watch.check()  # the last iterations may not have been logged
+        if at.master and not o.eval_only:
+            log.write(log.closing_line(state))
+
+
+# ----------------------------------------------------------------------------- the pieces of the loop
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where this process trains: its device and its rank among `world` processes (1 without torchrun)."""
+
+    device: str
+    rank: int = 0
+    world: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step on this rank
+
+    @property
+    def master(self) -> bool:  # rank 0 prints, logs and writes checkpoints
+        return self.rank == 0
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds besides the options: everything a resumed run needs to go on exactly."""
+
+    model: GPT  # the bare model: neither compiled nor wrapped by DDP
+    optimizers: list[torch.optim.Optimizer]
+    scaler: torch.amp.GradScaler
+    tokenizer: dict
+    data_gen: torch.Generator
+    iter_num: int = 0
+    best_val_loss: float = 1e9
+    train_seconds: float = 0.0  # evaluations excluded: what --max_seconds budgets
+
+    def checkpoint(self, o: TrainOptions, reason: str) -> dict[str, Any]:
+        return {
+            "model_args": self.model.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizers[0].state_dict(),
+            **({"muon_optimizer": self.optimizers[1].state_dict()} if len(self.optimizers) > 1 else {}),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "train_seconds": self.train_seconds,
+            "config": asdict(o),
+            "iter_num": self.iter_num,
+            "best_val_loss": self.best_val_loss,
+            "tokenizer": self.tokenizer,
+            "rng": rng_state(self.data_gen),
+            "reason": reason,
+        }
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        """Progress, optimizer and scaler states from a resume checkpoint (the weights are loaded already)."""
+        self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        self.train_seconds = ckpt.get("train_seconds", 0.0)  # a time budget goes on from where it stopped
+        saved = [ckpt[k] for k in ("optimizer", "muon_optimizer") if k in ckpt]
+        if saved and len(saved) != len(self.optimizers):
+            was = "muon" if "muon_optimizer" in ckpt else "adamw"
+            raise UserError(
+                f"the checkpoint was trained with --optimizer={was}; resume with the same optimizer (its state "
+                "cannot be carried over to another one)."
+            )
+        for optimizer, state in zip(self.optimizers, saved):
+            optimizer.load_state_dict(state)
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+
+
+def setup(o: TrainOptions, explicit: set[str], at: Place, dtype: str) -> tuple[TrainState, TokenBatches, dict | None]:
+    """Seeds, data, model, optimizers and loss scaler, restored from the checkpoint when resuming.
+    Returns the state, the batches and, when resuming, the checkpoint's reason and random states."""
+    torch.manual_seed(o.seed + at.rank)
+    random.seed(o.seed + at.rank)
+    np.random.seed(o.seed + at.rank)
+    data_gen = torch.Generator().manual_seed(o.seed + at.rank)
+    enable_tf32(at.device)
+    meta = read_meta(o.resolved_data_dir)
     model, ckpt = build_model(o, explicit, meta)
-    block_size = model.config.block_size
-    if ckpt is None and o.init_from == "scratch" and master:
+    if ckpt is None and o.init_from == "scratch" and at.master:
         print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
-    batches = TokenBatches(data_dir, block_size, vocab_size=model.config.vocab_size)
+    batches = TokenBatches(o.resolved_data_dir, model.config.block_size, vocab_size=model.config.vocab_size)
     if ckpt is not None:
         tokenizer_spec = ckpt["tokenizer"]
     elif o.init_from == "scratch":
@@ -389,239 +510,271 @@ def train(o, explicit, argv, device, rank, world, grad_accum, master) -> None:
         from nanogpt.hf import tokenizer_spec_for
 
         tokenizer_spec = tokenizer_spec_for(o.init_from)
-    model.to(device)
+    model.to(at.device)
     if not o.eval_only:
         need = training_bytes(model.config, sum(p.numel() for p in model.parameters()), o.batch_size, DTYPES[dtype])
-        require(need, device, f"a training step of --batch_size={o.batch_size}", TRAIN_ADVICE)
-
+        require(need, at.device, f"a training step of --batch_size={o.batch_size}", TRAIN_ADVICE)
     # float16 gradients underflow to zero below ~6e-8: the GradScaler multiplies the loss before backward
     # and divides the gradients before the step, skipping steps whose gradients overflowed (Micikevicius
     # et al. 2018, "Mixed Precision Training"). bfloat16 has float32's range and needs no scaling.
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-    optimizers = build_optimizers(model, o.optimizer, o.learning_rate, o.weight_decay, (o.beta1, o.beta2), device_type)
-    iter_num, best_val_loss, skip_eval_at, saved_rng, train_seconds = 0, 1e9, None, None, 0.0
-    if ckpt is not None:
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        train_seconds = ckpt.get("train_seconds", 0.0)  # a time budget goes on from where it stopped
-        saved = [ckpt[k] for k in ("optimizer", "muon_optimizer") if k in ckpt]
-        if saved and len(saved) != len(optimizers):
-            was = "muon" if "muon_optimizer" in ckpt else "adamw"
-            raise UserError(
-                f"the checkpoint was trained with --optimizer={was}; resume with the same optimizer (its state "
-                "cannot be carried over to another one)."
-            )
-        for optimizer, state in zip(optimizers, saved):
-            optimizer.load_state_dict(state)
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        if world == 1:  # restored just before the loop, after everything else that might draw random numbers
-            saved_rng = ckpt.get("rng")
-        # a checkpoint saved at an evaluation already did the evaluation at its iteration
-        skip_eval_at = iter_num if ckpt.get("reason") == "eval" and not o.eval_only else None
-        ckpt = None  # free the memory
-        # past max_iters, or saved by the final evaluation (the step after it changes no file): nothing to do
-        finished = iter_num > o.max_iters or (iter_num == o.max_iters and skip_eval_at == iter_num)
-        if finished and not o.eval_only:
-            if master:
-                print(
-                    f"the checkpoint is at iteration {iter_num}, the end of --max_iters={o.max_iters}: nothing to do. "
-                    "Give a larger --max_iters to train on."
-                )
-            return
+    scaler = torch.amp.GradScaler(at.device.split(":")[0], enabled=dtype == "float16")
+    optimizers = build_optimizers(
+        model, o.optimizer, o.learning_rate, o.weight_decay, (o.beta1, o.beta2), at.device.split(":")[0]
+    )
+    state = TrainState(model, optimizers, scaler, tokenizer_spec, data_gen)
+    if ckpt is None:
+        return state, batches, None
+    state.restore(ckpt)
+    return state, batches, {"reason": ckpt.get("reason"), "rng": ckpt.get("rng")}
 
-    raw_model = model
-    if o.compile if o.compile is not None else device_type == "cuda":
-        if master:
+
+def wrap_model(model: GPT, o: TrainOptions, at: Place) -> torch.nn.Module:
+    """The model as the loop calls it: compiled (--compile) and, with several processes, wrapped by DDP."""
+    if o.compile if o.compile is not None else at.device.startswith("cuda"):
+        if at.master:
             print("compiling the model... (takes a ~minute)")
         model = torch.compile(model)
-    if world > 1:
+    if at.world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        model = DDP(model, device_ids=[int(device.split(":")[1])] if device_type == "cuda" else None)
+        model = DDP(model, device_ids=[int(at.device.split(":")[1])] if at.device.startswith("cuda") else None)
+    return model
 
-    wandb = None
-    if o.wandb_log and master:
-        try:
-            import wandb
-        except ImportError:
-            raise UserError(
-                "--wandb_log=True needs the wandb package: pip install wandb (or 'nanogpt[wandb]')."
-            ) from None
-        wandb.init(project=o.wandb_project, name=o.wandb_run_name, config=asdict(o))
 
-    out_dir = Path(o.out_dir)
-    if master:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create --out_dir={out_dir} ({e.strerror}). Choose a writable folder.") from None
-        if not os.access(out_dir, os.W_OK):
-            raise UserError(f"--out_dir={out_dir} is not writable. Choose a folder you can write to.")
-        for name in (CKPT_NAME, INTERRUPT_NAME):
-            remove_stale_temp_files(out_dir / name)  # left by a run killed while saving
+def prepare_out_dir(name: str) -> Path:
+    out_dir = Path(name)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --out_dir={out_dir} ({e.strerror}). Choose a writable folder.") from None
+    if not os.access(out_dir, os.W_OK):
+        raise UserError(f"--out_dir={out_dir} is not writable. Choose a folder you can write to.")
+    for name in (CKPT_NAME, INTERRUPT_NAME, METRICS_NAME, "loss.png"):
+        remove_stale_temp_files(out_dir / name)  # left by a run killed while saving
+    return out_dir
 
-    def checkpoint(reason: str) -> dict[str, Any]:
-        return {
-            "model_args": raw_model.config.to_dict(),
-            "model": raw_model.state_dict(),
-            "optimizer": optimizers[0].state_dict(),
-            **({"muon_optimizer": optimizers[1].state_dict()} if len(optimizers) > 1 else {}),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "train_seconds": train_seconds,
-            "config": asdict(o),
-            "iter_num": iter_num,
-            "best_val_loss": best_val_loss,
-            "tokenizer": tokenizer_spec,
-            "rng": rng_state(data_gen),
-            "reason": reason,
-        }
 
-    flops_per_iter = raw_model.estimate_flops_per_token() * tokens_per_iter / world
-    peak = peak_flops(device, DTYPES[dtype]) if master else 1.0
-    from tqdm import tqdm
+class DivergenceWatch:
+    """A non-finite loss means the forward pass diverged, whatever the dtype: the GradScaler handles
+    overflowing gradients, not a NaN loss. The first bad iteration is remembered on the device (no host
+    sync per micro-step) and checked whenever the loop syncs anyway: at logging, evaluation and exit."""
 
-    bar = tqdm(
-        total=o.max_iters,
-        initial=iter_num,
-        disable=None if (o.progress and master) else True,
-        unit="it",
-        dynamic_ncols=True,
-        leave=False,
-    )
-    log = bar.write if not bar.disable else print
-    # A non-finite loss means the forward pass diverged, whatever the dtype: the GradScaler handles
-    # overflowing gradients, not a NaN loss. The first bad iteration is remembered on the device (no
-    # host sync per micro-step) and checked whenever the loop syncs anyway: at logging, evaluation and exit.
-    first_bad_iter = torch.full((), -1, dtype=torch.long, device=device)
-    milestones: dict[float, tuple[float, float, int] | None] = dict.fromkeys(o.milestone_losses)
-    last_val, out_of_time, reached_target = None, False, False
-    t0 = wall0 = time.time()
-    local_iter, running_mfu = 0, -1.0
-
-    causes = (
+    CAUSES = (
         "Usual causes: a learning rate too high (try --learning_rate 3x lower, or a longer --warmup_iters) "
         "or float16 without loss scaling (use --dtype=bfloat16 or float32)."
     )
 
-    def check_finite() -> None:
-        bad = int(first_bad_iter.item())
+    def __init__(self, device: str) -> None:
+        self.first_bad_iter = torch.full((), -1, dtype=torch.long, device=device)
+
+    def record(self, loss: torch.Tensor, iter_num: int) -> None:
+        self.first_bad_iter.masked_fill_(~torch.isfinite(loss.detach()) & (self.first_bad_iter < 0), iter_num)
+
+    def check(self) -> None:
+        bad = int(self.first_bad_iter.item())
         if bad >= 0:
             raise UserError(
                 f"the training loss became NaN or infinite at iteration {bad}; training stopped and no checkpoint "
-                f"was written after it. {causes}"
+                f"was written after it. {self.CAUSES}"
             )
 
-    if saved_rng is not None:
-        set_rng_state(saved_rng, data_gen)  # so the run continues exactly as if it had never stopped
-    with StopRequest() as stop:
-        try:
-            while True:
-                lr = get_lr(iter_num, o, train_seconds)
-                for optimizer in optimizers:
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
 
-                # eval_only evaluates whatever the iteration: a finished checkpoint is rarely at a multiple;
-                # a spent time budget gets a last evaluation (and checkpoint) before the run stops
-                if o.eval_only or out_of_time or (iter_num % o.eval_interval == 0 and iter_num != skip_eval_at):
-                    check_finite()
-                    losses = estimate_loss(model, batches, o, device, ctx, o.seed)
-                    if master:
-                        log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                        if wandb:
-                            wandb.log(
-                                {
-                                    "iter": iter_num,
-                                    "train/loss": losses["train"],
-                                    "val/loss": losses["val"],
-                                    "lr": lr,
-                                    "mfu": running_mfu * 100,
-                                }
-                            )
-                    last_val = losses["val"]
-                    for m, when in milestones.items():
-                        if when is None and last_val <= m:
-                            milestones[m] = (train_seconds, time.time() - wall0, iter_num)
-                    reached_target = bool(o.target_val_loss) and last_val <= o.target_val_loss
-                    if not all(map(math.isfinite, losses.values())):
-                        raise UserError(
-                            f"the evaluated loss is NaN or infinite at iteration {iter_num} (train {losses['train']}, "
-                            f"val {losses['val']}): the model has diverged. Training stopped and no checkpoint was "
-                            f"written. {causes}"
-                        )
-                    if losses["val"] < best_val_loss or o.always_save_checkpoint:
-                        best_val_loss = min(best_val_loss, losses["val"])
-                        if iter_num > 0 and master and not o.eval_only:
-                            log(f"saving checkpoint to {out_dir / CKPT_NAME}")
-                            save_checkpoint(out_dir / CKPT_NAME, checkpoint("eval"))
-                            stale = out_dir / INTERRUPT_NAME
-                            if stale.exists():
-                                stale.unlink()  # ckpt.pt is now further along
-                if o.eval_only or out_of_time or reached_target:  # eval_only: evaluate the checkpoint, train nothing
-                    break
+def train_step(model, state: TrainState, batches: TokenBatches, o: TrainOptions, at: Place, ctx, watch) -> torch.Tensor:
+    """One optimizer step over grad_accum micro-batches: forward, backward, clip, step. Returns the last
+    micro-batch's loss as a device tensor (reading it would sync with the device)."""
+    for micro_step in range(at.grad_accum):
+        # DDP all-reduces the gradients in the last micro-step's backward only
+        last = micro_step == at.grad_accum - 1
+        no_sync = model.no_sync() if at.world > 1 and not last else contextlib.nullcontext()
+        x, y = batches.get_batch("train", o.batch_size, state.data_gen, at.device)
+        with no_sync, ctx:
+            _, loss = model(x, y)
+            loss = loss / at.grad_accum  # the mean over micro-batches, not the sum
+        watch.record(loss, state.iter_num)
+        state.scaler.scale(loss).backward()
+    if o.grad_clip != 0.0:
+        for optimizer in state.optimizers:
+            state.scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+    for optimizer in state.optimizers:
+        state.scaler.step(optimizer)
+    state.scaler.update()
+    for optimizer in state.optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    return loss.detach() * at.grad_accum
 
-                # forward/backward with gradient accumulation; DDP all-reduces only on the last micro-step
-                t_step = time.time()
-                for micro_step in range(grad_accum):
-                    sync = micro_step == grad_accum - 1
-                    no_sync = model.no_sync() if world > 1 and not sync else contextlib.nullcontext()
-                    x, y = batches.get_batch("train", o.batch_size, data_gen, device)
-                    with no_sync, ctx:
-                        _, loss = model(x, y)
-                        loss = loss / grad_accum  # the mean over micro-batches, not the sum
-                    first_bad_iter.masked_fill_(~torch.isfinite(loss.detach()) & (first_bad_iter < 0), iter_num)
-                    scaler.scale(loss).backward()
-                if o.grad_clip != 0.0:
-                    for optimizer in optimizers:
-                        scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-                for optimizer in optimizers:
-                    scaler.step(optimizer)
-                scaler.update()
-                for optimizer in optimizers:
-                    optimizer.zero_grad(set_to_none=True)
-                if o.max_seconds and device_type == "cuda":
-                    torch.cuda.synchronize()  # a time budget needs the step's real duration, not its launch
-                train_seconds += time.time() - t_step
 
-                t1 = time.time()
-                dt, t0 = t1 - t0, t1
-                if iter_num % o.log_interval == 0 and master:
-                    lossf = loss.item() * grad_accum  # .item() syncs with the device, so only at log time
-                    check_finite()
-                    if local_iter >= 5:  # let the first iterations (compilation, warm-up) pass
-                        mfu = flops_per_iter / dt / peak
-                        running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-                    log(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {running_mfu * 100:.2f}%")
-                    bar.set_postfix(loss=f"{lossf:.4f}", refresh=False)
-                iter_num += 1
-                local_iter += 1
-                bar.update(1)
-                if iter_num > o.max_iters:
-                    break
-                out_of_time = bool(o.max_seconds) and train_seconds >= o.max_seconds
-                if stop.signal_name is not None:
-                    check_finite()
-                    if master:
-                        save_checkpoint(out_dir / INTERRUPT_NAME, checkpoint("interrupt"))
-                        bar.close()
-                        print(
-                            f"\nstopped by {stop.signal_name} at iteration {iter_num}; saved {out_dir / INTERRUPT_NAME}.\n"
-                            f"resume with: {resume_command(argv)}",
-                            file=sys.stderr,
-                        )
-                    raise SystemExit(130 if stop.signal_name == "SIGINT" else 143)
-            check_finite()  # the last iterations may not have been logged
-            if master and not o.eval_only:
-                log(closing_line(last_val, iter_num, iter_num * tokens_per_iter, train_seconds, wall0, milestones))
-        except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
-            if not is_out_of_memory(e):
-                raise
-            raise out_of_memory(device, TRAIN_ADVICE) from None
-        finally:
-            bar.close()
-    if wandb:
-        wandb.finish()
+def evaluate_and_checkpoint(
+    model, state: TrainState, batches: TokenBatches, o: TrainOptions, at: Place, ctx, log: TrainLog, out_dir, lr
+) -> float:
+    """Estimate the train and val losses, report them, and save ckpt.pt when val improved (or always,
+    with always_save_checkpoint). Returns the val loss."""
+    losses = estimate_loss(model, batches, o, at.device, ctx, o.seed)
+    if at.master:
+        log.evaluation(state, losses, lr)
+    if not all(map(math.isfinite, losses.values())):
+        raise UserError(
+            f"the evaluated loss is NaN or infinite at iteration {state.iter_num} (train {losses['train']}, "
+            f"val {losses['val']}): the model has diverged. Training stopped and no checkpoint was written. "
+            f"{DivergenceWatch.CAUSES}"
+        )
+    if losses["val"] < state.best_val_loss or o.always_save_checkpoint:
+        state.best_val_loss = min(state.best_val_loss, losses["val"])
+        if state.iter_num > 0 and at.master and not o.eval_only:
+            log.write(f"saving checkpoint to {out_dir / CKPT_NAME}")
+            save_checkpoint(out_dir / CKPT_NAME, state.checkpoint(o, "eval"))
+            stale = out_dir / INTERRUPT_NAME
+            if stale.exists():
+                stale.unlink()  # ckpt.pt is now further along
+    return losses["val"]
+
+
+def save_interrupt(
+    state: TrainState, o: TrainOptions, at: Place, out_dir: Path, argv, signal_name: str, watch, log
+) -> None:
+    """Ctrl-C or SIGTERM between iterations: save interrupt.pt, say how to resume, exit 130 or 143."""
+    watch.check()  # never save a diverged model
+    if at.master:
+        save_checkpoint(out_dir / INTERRUPT_NAME, state.checkpoint(o, "interrupt"))
+        log.close()
+        print(
+            f"\nstopped by {signal_name} at iteration {state.iter_num}; saved {out_dir / INTERRUPT_NAME}.\n"
+            f"resume with: {resume_command(argv)}",
+            file=sys.stderr,
+        )
+    raise SystemExit(130 if signal_name == "SIGINT" else 143)
+
+
+class TrainLog:
+    """Where the run reports: the terminal (through the tqdm bar when it shows), wandb when asked, the
+    model FLOPs utilisation, <out_dir>/metrics.jsonl and loss.png (master only), and the milestones the
+    closing line times."""
+
+    def __init__(
+        self,
+        o: TrainOptions,
+        iter_num: int,
+        master: bool,
+        peak_fraction_per_second: float,
+        tokens_per_iter: int,
+        metrics: MetricsWriter | None,
+        started: float,
+    ):
+        self.o, self.master, self.started = o, master, started
+        self.tokens_per_iter, self.metrics = tokens_per_iter, metrics
+        self.plot = None  # <out_dir>/loss.png, redrawn at each evaluation when matplotlib is installed
+        if metrics and importlib.util.find_spec("matplotlib") is not None:
+            from nanogpt.plot import PlotRefresher
+
+            self.plot = PlotRefresher(metrics.path.parent)
+        self.mfu_per_second = peak_fraction_per_second  # MFU = this / seconds per iteration
+        self.bar = tqdm(
+            total=o.max_iters,
+            initial=iter_num,
+            disable=None if (o.progress and master) else True,
+            unit="it",
+            dynamic_ncols=True,
+            leave=False,
+        )
+        self.write = self.bar.write if not self.bar.disable else print
+        self.wandb = None
+        if o.wandb_log and master:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError(
+                    "--wandb_log=True needs the wandb package: pip install wandb (or 'nanogpt[wandb]')."
+                ) from None
+            wandb.init(project=o.wandb_project, name=o.wandb_run_name, config=asdict(o))
+            self.wandb = wandb
+        self.milestones: dict[float, tuple[float, float, int] | None] = dict.fromkeys(o.milestone_losses)
+        self.last_val: float | None = None
+        self.running_mfu, self.steps, self.t_last = -1.0, 0, time.time()
+
+    def __enter__(self) -> TrainLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.metrics:
+            self.metrics.close()
+            self.metrics = None
+        if self.plot:
+            self.plot.close()
+            self.plot = None
+        if self.wandb:
+            self.wandb.finish()
+            self.wandb = None
+
+    @property
+    def mfu_percent(self) -> float | None:
+        return self.running_mfu * 100 if self.running_mfu >= 0 else None
+
+    def iteration(self, iter_num: int, loss: torch.Tensor, lr: float, watch: DivergenceWatch) -> None:
+        now = time.time()
+        dt, self.t_last = now - self.t_last, now
+        if iter_num % self.o.log_interval == 0 and self.master:
+            lossf = loss.item()  # syncs with the device, so only at log time
+            watch.check()
+            if self.steps >= 5:  # let the first iterations (compilation, warm-up) pass
+                mfu = self.mfu_per_second / dt
+                self.running_mfu = mfu if self.running_mfu == -1.0 else 0.9 * self.running_mfu + 0.1 * mfu
+            self.write(f"iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {self.running_mfu * 100:.2f}%")
+            self.bar.set_postfix(loss=f"{lossf:.4f}", refresh=False)
+            if self.metrics:
+                tokens = (iter_num + 1) * self.tokens_per_iter
+                self.metrics.write("train", iter=iter_num, tokens=tokens, train_loss=lossf, lr=lr, mfu=self.mfu_percent)
+        self.steps += 1
+        self.bar.update(1)
+
+    def evaluation(self, state: TrainState, losses: dict[str, float], lr: float) -> None:
+        self.write(f"step {state.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        if self.wandb:
+            self.wandb.log(
+                {
+                    "iter": state.iter_num,
+                    "train/loss": losses["train"],
+                    "val/loss": losses["val"],
+                    "lr": lr,
+                    "mfu": self.running_mfu * 100,
+                }
+            )
+        if self.metrics:
+            self.metrics.write(
+                "eval",
+                iter=state.iter_num,
+                tokens=state.iter_num * self.tokens_per_iter,
+                train_loss=losses["train"],
+                val_loss=losses["val"],
+                lr=lr,
+                mfu=self.mfu_percent,
+            )
+            if self.plot:
+                self.plot.request()
+        self.last_val = losses["val"]
+        for m, when in self.milestones.items():
+            if when is None and self.last_val <= m:
+                self.milestones[m] = (state.train_seconds, time.time() - self.started, state.iter_num)
+
+    def closing_line(self, state: TrainState) -> str:
+        """One line for the end of a run: where it got and how fast, speedrun style."""
+        parts = [
+            f"final val loss {self.last_val:.4f}" if self.last_val is not None else "no evaluation",
+            f"{state.iter_num:,} iterations",
+            f"{state.iter_num * self.tokens_per_iter:,} tokens",
+            f"{state.train_seconds:.1f} s of training",
+            f"{time.time() - self.started:.1f} s wall",
+        ]
+        for m, when in self.milestones.items():
+            parts.append(
+                f"val <= {m} first at iteration {when[2]}: {when[0]:.1f} s of training, {when[1]:.1f} s wall"
+                if when
+                else f"val <= {m} not reached"
+            )
+        return "done: " + "; ".join(parts)
 
 
 if __name__ == "__main__":

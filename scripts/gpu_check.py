@@ -170,7 +170,7 @@ def run_training(results: Path) -> dict[str, Any]:
 
 
 DONE = re.compile(r"^done: final val loss ([\d.]+); ([\d,]+) iterations.*?; ([\d.]+) s of training")
-REACHED = re.compile(rf"val <= {TARGET_VAL_LOSS} first at ([\d.]+) s of training \(iteration (\d+)\)")
+REACHED = re.compile(rf"val <= {TARGET_VAL_LOSS} first at iteration (\d+): ([\d.]+) s of training")
 
 
 def run_speedrun(results: Path) -> dict[str, Any]:
@@ -185,7 +185,7 @@ def run_speedrun(results: Path) -> dict[str, Any]:
         final_val_loss=float(done[1]) if done else None,
         iterations=int(done[2].replace(",", "")) if done else None,
         train_seconds=float(done[3]) if done else None,
-        seconds_to_target=float(reached[1]) if reached else None,
+        seconds_to_target=float(reached[2]) if reached else None,
         passed=r["returncode"] == 0 and done is not None,
     )
     return r

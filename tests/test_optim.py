@@ -149,8 +149,8 @@ def test_target_val_loss_stops_at_the_first_evaluation_reaching_it(
     assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["iter_num"] == 4
     closing = out.strip().splitlines()[-1]
     assert closing.startswith("done: final val loss 2.0000; 4 iterations")
-    assert re.search(r"val <= 2\.8 first at [\d.]+ s of training \(iteration 2\)", closing)
-    assert re.search(r"val <= 2\.2 first at [\d.]+ s of training \(iteration 4\)", closing)
+    assert re.search(r"val <= 2\.8 first at iteration 2: [\d.]+ s of training, [\d.]+ s wall", closing)
+    assert re.search(r"val <= 2\.2 first at iteration 4: [\d.]+ s of training, [\d.]+ s wall", closing)
     assert "val <= 1.0 not reached" in closing
 
 
