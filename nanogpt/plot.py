@@ -48,8 +48,8 @@ def new_figure():
     return fig
 
 
-def plot_runs(out_dirs: Sequence[str | Path], to: str | Path, x: str = "iter", log: bool = False) -> Path:
-    """Draw the train and val curves of every run in `out_dirs` into the PNG `to` (replaced atomically)."""
+def read_runs(out_dirs: Sequence[str | Path]) -> list[tuple[Path, list[dict]]]:
+    """Each run folder with its metrics records; a UserError for a folder without any."""
     runs = []
     for d in out_dirs:
         path = Path(d) / METRICS_NAME
@@ -62,6 +62,11 @@ def plot_runs(out_dirs: Sequence[str | Path], to: str | Path, x: str = "iter", l
         if not records:
             raise UserError(f"{path} holds no complete record yet; wait for the run's first logged iteration.")
         runs.append((Path(d), records))
+    return runs
+
+
+def draw(runs: list[tuple[Path, list[dict]]], x: str = "iter", log: bool = False):
+    """The figure: per run, its train loss (thin, translucent) and val loss (dots and dashes), one colour each."""
     fig = new_figure()
     ax = fig.add_subplot()
     for i, (d, records) in enumerate(runs):
@@ -80,9 +85,19 @@ def plot_runs(out_dirs: Sequence[str | Path], to: str | Path, x: str = "iter", l
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
+    return fig
+
+
+def plot_runs(out_dirs: Sequence[str | Path], to: str | Path, x: str = "iter", log: bool = False) -> Path:
+    """Draw the curves of every run in `out_dirs` into the PNG `to`, replaced atomically (a page or viewer
+    reading it never sees half a file)."""
+    fig = draw(read_runs(out_dirs), x, log)
     to = Path(to)
-    with atomic_open(to) as f:  # a page or viewer reading loss.png never sees half a file
-        fig.savefig(f, format="png")
+    try:
+        with atomic_open(to) as f:
+            fig.savefig(f, format="png")
+    except OSError as e:
+        raise UserError(f"cannot write {to} ({e.strerror}). Choose a --to in a folder you can write to.") from None
     return to
 
 

@@ -73,6 +73,7 @@ class TrainOptions:
     wandb_project: str = option("owt", "wandb project name")
     wandb_run_name: str = option("gpt2", "wandb run name")
     progress: bool = option(True, "show a tqdm progress bar when writing to a terminal")
+    plot: bool = option(True, "redraw <out_dir>/loss.png at each evaluation when matplotlib is installed")
     # data
     dataset: str = option("openwebtext", "dataset name: its files are in <data_dir>, default data/<dataset>")
     data_dir: str = option("", "folder with train.bin, val.bin and meta.json; default data/<dataset>")
@@ -150,16 +151,12 @@ class TrainOptions:
             self.model_config(vocab_size=1)
         except ValueError as e:  # GPTConfig names its fields; here they are options
             raise UserError(re.sub(rf"\b({'|'.join(MODEL_OPTIONS)})\b", r"--\1", f"{e}.")) from None
-        if (
-            self.learning_rate <= 0
-            or self.muon_lr_scale <= 0
-            or self.min_lr < 0
-            or self.weight_decay < 0
-            or self.grad_clip < 0
-        ):
-            raise UserError(
-                "--learning_rate and --muon_lr_scale must be positive; --min_lr, --weight_decay and --grad_clip >= 0."
-            )
+        for name in ("learning_rate", "muon_lr_scale"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name} must be positive, got {getattr(self, name)}.")
+        for name in ("min_lr", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must be at least 0, got {getattr(self, name)}.")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise UserError("--beta1 and --beta2 must be in [0, 1).")
         if self.backend not in ("auto", "nccl", "gloo"):
@@ -663,7 +660,7 @@ class TrainLog:
         self.o, self.master, self.started = o, master, started
         self.tokens_per_iter, self.metrics = tokens_per_iter, metrics
         self.plot = None  # <out_dir>/loss.png, redrawn at each evaluation when matplotlib is installed
-        if metrics and importlib.util.find_spec("matplotlib") is not None:
+        if metrics and o.plot and importlib.util.find_spec("matplotlib") is not None:
             from nanogpt.plot import PlotRefresher
 
             self.plot = PlotRefresher(metrics.path.parent)

@@ -43,6 +43,7 @@ TINY = (
     "--warmup_iters=2",
     "--lr_decay_iters=100",
     "--learning_rate=1e-2",
+    "--plot=False",
 )
 
 

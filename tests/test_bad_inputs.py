@@ -321,9 +321,23 @@ def disk_fills_up() -> None:
 
 
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(work):
-    """Resume at 4 and save at 6: the write fails half-way; ckpt.pt from 4 survives and no temp file stays."""
-    run = train(work, *RESUME, setup=disk_fills_up)
-    check(work, None, run, "could not write the checkpoint out/ckpt.pt", "No space left on device", "unchanged")
+    """Resume at 4 and save at 6: the write fails half-way; ckpt.pt from 4 survives and no temp file stays.
+    The metrics log is the one file that changes: it records iterations 4 to 6, which did run."""
+    from nanogpt.metrics import read_metrics
+
+    metrics = work / "out" / "metrics.jsonl"
+    kept = [r for r in read_metrics(metrics) if r["iter"] < 4]
+    before = {k: v for k, v in snapshot(work).items() if k != "out/metrics.jsonl"}
+    fr.assert_user_error(
+        train(work, *RESUME, setup=disk_fills_up)(),
+        "could not write the checkpoint out/ckpt.pt",
+        "No space left on device",
+        "unchanged",
+    )
+    assert {k: v for k, v in snapshot(work).items() if k != "out/metrics.jsonl"} == before
+    after = [r["iter"] for r in read_metrics(metrics)]
+    assert after[: len(kept)] == [r["iter"] for r in kept]
+    assert after[len(kept) :] == sorted(after[len(kept) :]) and after[-1] == 6
 
 
 # ----------------------------------------------------------------------------- sample

@@ -50,7 +50,7 @@ def test_two_cpu_processes_train_log_once_and_write_one_checkpoint(
     assert iters == [str(i) for i in range(7)]
     assert out.count("saving checkpoint") == 2
     # one checkpoint, written by rank 0 alone, with plain parameter names
-    assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt", "metrics.jsonl"]
     ckpt = load_checkpoint(out_dir / "ckpt.pt")
     assert ckpt["iter_num"] == 6
     assert not any(k.startswith("module.") for k in ckpt["model"])

@@ -48,6 +48,7 @@ def train_args(data_dir: Path, out_dir: Path, device: str, *extra: str) -> list[
         "--warmup_iters=0",
         "--learning_rate=1e-2",
         "--lr_decay_iters=200",
+        "--plot=False",
         f"--data_dir={data_dir}",
         f"--out_dir={out_dir}",
         *extra,

@@ -86,7 +86,8 @@ def digest(path: Path) -> str:
 
 
 def temp_files(out_dir: Path) -> list[str]:
-    return [name for name in os.listdir(out_dir) if name.endswith(".tmp")]
+    """The temporary files of checkpoint saves (not those of metrics.jsonl or loss.png)."""
+    return [n for n in os.listdir(out_dir) if n.endswith(".tmp") and n.startswith((".ckpt.pt.", ".interrupt.pt."))]
 
 
 def expected_after_resume(ref, r: int, reason: str) -> tuple[list[str], list[str], list[str]]:
@@ -391,7 +392,7 @@ def test_nan_loss_stops_training_and_keeps_the_checkpoint(straight, tmp_path, lo
     result = fr.run(fr.train_main(), [*args, "--init_from=resume"], tmp_path, inject_nan_at(N + 2, start=N))
     fr.assert_user_error(result, f"NaN or infinite at iteration {N + 2}", "no checkpoint", "learning rate too high")
     assert digest(out / "ckpt.pt") == before
-    assert sorted(os.listdir(out)) == ["ckpt.pt"]
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl"]
 
 
 def test_absurd_learning_rate_is_caught_before_the_checkpoint_is_overwritten(straight, tmp_path):
@@ -549,4 +550,4 @@ def test_a_second_ctrl_c_stops_at_once_and_abandons_the_save(straight, tmp_path)
     result = child.wait(timeout=20)
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip().endswith("interrupted") and "Traceback" not in result.stderr
-    assert sorted(os.listdir(out)) == []
+    assert sorted(os.listdir(out)) == ["metrics.jsonl"]  # no checkpoint; the log of iterations 0 to 3

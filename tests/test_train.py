@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
@@ -84,7 +85,7 @@ def test_training_in_process_learns_and_writes_a_checkpoint(prepare_char_dataset
     assert losses[30][1] < losses[0][1] - 0.5
     assert [int(m[1]) for m in ITER.finditer(out)] == list(range(31))
 
-    assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt", "metrics.jsonl"]
     ckpt = load_checkpoint(out_dir / "ckpt.pt")
     assert ckpt["iter_num"] == 30
     assert ckpt["reason"] == "eval"
@@ -175,7 +176,9 @@ def test_seed_commands_end_to_end(run_script, repo_root, training_text, tmp_path
     assert losses[0][1] == pytest.approx(math.log(len(vocab)), abs=0.2)
     assert losses[30][0] < losses[0][0] - 0.3 and losses[30][1] < losses[0][1] - 0.3
     assert losses[10][1] > losses[30][1]
-    assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt"]
+    # the README's command as it is, so loss.png too where matplotlib is installed (the [dev] extra has it)
+    drawn = ["loss.png"] if importlib.util.find_spec("matplotlib") else []
+    assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt", *drawn, "metrics.jsonl"]
     assert load_checkpoint(out_dir / "ckpt.pt")["model_args"]["n_embd"] == 128
 
     # two samples, generated as one batch, each followed by the separator line
@@ -268,14 +271,14 @@ def test_ctrl_c_saves_an_interrupt_checkpoint(tiny_checkpoint, tiny_model_args, 
     assert "Traceback" not in err
     assert "stopped by SIGINT" in err
     assert "--init_from=resume" in err
-    assert sorted(p.name for p in out_dir.iterdir()) == ["interrupt.pt"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["interrupt.pt", "metrics.jsonl"]
     ckpt = load_checkpoint(out_dir / "interrupt.pt")
     assert ckpt["reason"] == "interrupt" and ckpt["iter_num"] >= 4
 
     # resuming picks interrupt.pt up; the next checkpoint at an evaluation replaces it
     stopped_at = ckpt["iter_num"]
     train_main([*args[:-1], f"--max_iters={stopped_at + 1}", "--eval_interval=1", "--init_from=resume"])
-    assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt", "metrics.jsonl"]
     assert load_checkpoint(out_dir / "ckpt.pt")["iter_num"] == stopped_at + 1
 
 
@@ -339,7 +342,7 @@ def test_bad_runs_fail_cleanly_and_keep_the_checkpoint(
         proc = subprocess.CompletedProcess(argv, code, out, err)
     assert_user_error(proc, *fragments)
     assert (out_dir / "ckpt.pt").read_bytes() == before
-    assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt", "metrics.jsonl"]
 
 
 def test_missing_dataset_uses_the_default_data_folder(run_in_process, tiny_model_args, tmp_path, monkeypatch):
@@ -432,7 +435,7 @@ def test_sigterm_after_divergence_writes_no_interrupt_checkpoint(
     poison_micro_step(monkeypatch, at_call=0, then_sigterm=True)  # the resumed run's first micro-step
     code, _, err = run_in_process(train_main, [*argv, "--max_iters=6", "--eval_interval=2", "--init_from=resume"])
     assert code == 2 and "NaN or infinite at iteration 2;" in " ".join(err.split())  # resumed at 2
-    assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt", "metrics.jsonl"]
     assert (out_dir / "ckpt.pt").read_bytes() == before
 
 
@@ -463,7 +466,7 @@ def test_resuming_a_finished_run_trains_nothing_and_says_so(prepare_char_dataset
         assert f"the checkpoint is at iteration 4, the end of --max_iters={max_iters}: nothing to do." in out
         assert not ITER.search(out) and not STEP.search(out)
     assert (out_dir / "ckpt.pt").read_bytes() == before
-    assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt"]
+    assert sorted(p.name for p in out_dir.iterdir()) == ["ckpt.pt", "metrics.jsonl"]
 
 
 def test_without_always_save_only_an_improved_val_loss_is_saved(

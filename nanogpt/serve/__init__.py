@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import socket
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,29 @@ def build_app(o: ServeOptions):
     metrics = Path(o.out_dir) / METRICS_NAME if o.init_from == "resume" else None
     app = create_app(engine, o.model_id, o.api_key or None, metrics, o.max_n)
     return app, engine, source
+
+
+class BackgroundServer:
+    """An app served by uvicorn in a daemon thread, for notebooks, scripts and tests: `.url`, then `.stop()`.
+    Port 0 picks a free port."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, timeout: float = 30):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="nanogpt-serve", daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {host}:{port}")
+            time.sleep(0.01)
+        bound = self.server.servers[0].sockets[0].getsockname()
+        self.url = f"http://{host}:{bound[1]}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

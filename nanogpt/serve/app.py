@@ -107,6 +107,10 @@ def render_chat(messages: list[ChatMessage]) -> str:
     return "\n".join(lines) + "\nAssistant:"
 
 
+def _is_type_name(x: object) -> bool:
+    return isinstance(x, str) and (x in ("str", "int", "float", "bool", "list", "dict") or "[" in x)
+
+
 # ----------------------------------------------------------------------------- the app
 
 
@@ -128,7 +132,8 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
         err = e.errors()[0]
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        # the field's path, without pydantic's names for union members ("str", "list[str]", ...)
+        loc = [str(x) for x in err.get("loc", ()) if x != "body" and not _is_type_name(x)]
         param = loc[0] if loc else None
         if err.get("type") == "extra_forbidden":
             message = f"Unrecognized request argument supplied: {'.'.join(loc)}"

@@ -1,0 +1,120 @@
+"""metrics.jsonl: written by every training run, crash-safe, continued by resume, set aside by a new run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import forkrun as fr
+import pytest
+
+from nanogpt.metrics import METRICS_NAME, MetricsWriter, read_metrics
+
+
+def records_of(out_dir: Path) -> list[dict]:
+    return read_metrics(out_dir / METRICS_NAME)
+
+
+def iters(records: list[dict], kind: str) -> list[int]:
+    return [r["iter"] for r in records if r["kind"] == kind]
+
+
+def test_reader_skips_a_torn_last_line_and_garbage(tmp_path):
+    path = tmp_path / METRICS_NAME
+    good = [{"kind": "train", "iter": i, "train_loss": 1.0 / (i + 1)} for i in range(3)]
+    lines = [json.dumps(good[0]), "not json", json.dumps(good[1]), "[1, 2]", json.dumps(good[2])]
+    path.write_text("\n".join(lines) + '\n{"kind": "train", "it', encoding="utf-8")  # killed mid-write
+    assert read_metrics(path) == good
+
+
+def test_writer_records_and_nan_as_null(tmp_path):
+    w = MetricsWriter(tmp_path)
+    w.write("train", iter=0, tokens=10, train_loss=2.5, lr=1e-3, mfu=None)
+    w.write("eval", iter=1, tokens=20, train_loss=float("nan"), val_loss=float("inf"), lr=1e-3, mfu=1.5)
+    w.close()
+    text = (tmp_path / METRICS_NAME).read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON
+    r = read_metrics(tmp_path / METRICS_NAME)
+    assert [x["kind"] for x in r] == ["train", "eval"]
+    assert r[0]["train_loss"] == 2.5 and r[0]["tokens"] == 10 and r[0]["time"] >= 0
+    assert r[1]["train_loss"] is None and r[1]["val_loss"] is None and r[1]["mfu"] == 1.5
+    assert r[1]["time"] >= r[0]["time"]
+
+
+def test_a_new_run_sets_the_old_file_aside(tmp_path):
+    for n in range(3):
+        w = MetricsWriter(tmp_path)
+        w.write("train", iter=0, run=n)
+        w.close()
+    assert read_metrics(tmp_path / METRICS_NAME)[0]["run"] == 2
+    assert read_metrics(tmp_path / "metrics.1.jsonl")[0]["run"] == 0
+    assert read_metrics(tmp_path / "metrics.2.jsonl")[0]["run"] == 1
+
+
+@pytest.mark.parametrize("eval_done", [True, False])
+def test_resume_drops_what_runs_again_and_goes_on_in_time(tmp_path, eval_done):
+    w = MetricsWriter(tmp_path)
+    for i in range(6):
+        w.write("eval" if i % 3 == 0 else "train", iter=i)
+    w.close()
+    (tmp_path / METRICS_NAME).open("ab").write(b'{"kind": "train", "iter": 6')  # a torn line
+    last_time = read_metrics(tmp_path / METRICS_NAME)[2]["time"]
+    w = MetricsWriter(tmp_path, resume_iter=3, eval_done=eval_done)
+    w.write("train", iter=3)
+    w.close()
+    r = read_metrics(tmp_path / METRICS_NAME)
+    assert iters(r, "train") == [1, 2, 3]
+    assert iters(r, "eval") == ([0, 3] if eval_done else [0])
+    assert r[-1]["time"] >= last_time  # the clock goes on from the kept records
+    assert (tmp_path / METRICS_NAME).read_bytes().endswith(b"\n")
+
+
+def test_training_writes_every_logged_iteration_and_evaluation(tmp_path, prepare_char_dataset, tiny_model_args):
+    from nanogpt.train import main as train_main
+
+    data_dir = prepare_char_dataset()
+    out = tmp_path / "out"
+    args = [*tiny_model_args, f"--data_dir={data_dir}", f"--out_dir={out}", "--eval_interval=4", "--warmup_iters=0"]
+    train_main([*args, "--max_iters=8", "--log_interval=2"])
+    r = records_of(out)
+    assert iters(r, "train") == [0, 2, 4, 6, 8]
+    assert iters(r, "eval") == [0, 4, 8]
+    tokens_per_iter = 4 * 32  # batch_size x block_size of the tiny model
+    assert [x["tokens"] for x in r if x["kind"] == "train"] == [(i + 1) * tokens_per_iter for i in (0, 2, 4, 6, 8)]
+    assert [x["tokens"] for x in r if x["kind"] == "eval"] == [i * tokens_per_iter for i in (0, 4, 8)]
+    assert all(x["val_loss"] < 5 and x["train_loss"] < 5 and x["lr"] > 0 for x in r if x["kind"] == "eval")
+    times = [x["time"] for x in r]
+    assert times == sorted(times)
+    # a resumed run (here: further, to iteration 12) continues the same file without duplicates
+    train_main([*args, "--max_iters=12", "--log_interval=2", "--init_from=resume"])
+    r = records_of(out)
+    assert iters(r, "train") == [0, 2, 4, 6, 8, 10, 12] and iters(r, "eval") == [0, 4, 8, 12]
+    # a new run in the same folder starts a new file and keeps the old one
+    train_main([*args, "--max_iters=2", "--log_interval=2"])
+    assert iters(records_of(out), "train") == [0, 2] and iters(records_of(out), "eval") == [0]
+    assert iters(read_metrics(out / "metrics.1.jsonl"), "eval") == [0, 4, 8, 12]
+
+
+def test_sigkill_then_resume_leaves_one_record_per_iteration(tmp_path, prepare_char_dataset):
+    """A real SIGKILL in the middle of a run: the file stays readable, and after resume every iteration
+    appears once, the evaluations included."""
+    data_dir = prepare_char_dataset()
+    args = [*fr.TINY, f"--data_dir={data_dir}", "--out_dir=out", "--eval_interval=10", "--max_iters=400"]
+    child = fr.start(fr.train_main(), args, tmp_path)
+    path = tmp_path / "out" / METRICS_NAME
+    deadline = time.monotonic() + 60
+    while not (path.exists() and len(iters(read_metrics(path), "eval")) >= 3):  # past two checkpoints
+        assert child.poll() is None and time.monotonic() < deadline, child.wait().stderr
+        time.sleep(0.01)
+    child.signal(signal.SIGKILL)
+    assert child.wait().returncode == -signal.SIGKILL
+    before = read_metrics(path)
+    assert before and max(iters(before, "train")) >= 19  # killed after the evaluation at iteration 20, or later
+    result = fr.run(fr.train_main(), [*args, "--init_from=resume"], tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    r = read_metrics(path)
+    assert iters(r, "train") == list(range(401))
+    assert iters(r, "eval") == list(range(0, 401, 10))
+    assert len(path.read_text().splitlines()) == len(r)  # no torn or duplicate line left behind

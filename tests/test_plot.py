@@ -1,0 +1,90 @@
+"""nanogpt plot: loss curves of one or several runs from their metrics.jsonl, and loss.png during training."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from nanogpt.metrics import MetricsWriter
+from nanogpt.plot import draw, main, plot_runs, read_runs
+
+pytest.importorskip("matplotlib", reason="nanogpt plot needs matplotlib (the [plot] extra)")
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return struct.unpack(">II", data[16:24])  # the IHDR chunk: width, height
+
+
+def fake_run(out_dir: Path, scale: float) -> Path:
+    out_dir.mkdir(parents=True)
+    w = MetricsWriter(out_dir)
+    for i in range(0, 101, 10):
+        w.write("train", iter=i, tokens=100 * (i + 1), train_loss=scale * 3 / (1 + i / 50), lr=1e-3, mfu=None)
+        if i % 50 == 0:
+            w.write(
+                "eval", iter=i, tokens=100 * i, train_loss=scale * 3 / (1 + i / 50), val_loss=scale * 3.1 / (1 + i / 50)
+            )
+    w.close()
+    return out_dir
+
+
+def test_draws_train_and_val_of_every_run(tmp_path):
+    a, b = fake_run(tmp_path / "run-a", 1.0), fake_run(tmp_path / "run-b", 0.5)
+    fig = draw(read_runs([a, b]), x="tokens")
+    lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert set(lines) == {"run-a train", "run-a val", "run-b train", "run-b val"}
+    assert list(lines["run-a val"].get_xdata()) == [0, 5000, 10000]  # tokens, as asked
+    assert list(lines["run-b train"].get_ydata())[0] == pytest.approx(1.5)
+    assert lines["run-a train"].get_color() != lines["run-b train"].get_color()
+    assert fig.axes[0].get_xlabel() == "training tokens"
+
+
+def test_command_writes_a_png(tmp_path, capsys):
+    a, b = fake_run(tmp_path / "a", 1.0), fake_run(tmp_path / "b", 0.7)
+    main([str(a), str(b), f"--to={tmp_path / 'both.png'}", "--x=time", "--log"])  # a bare --log means True
+    assert "wrote" in capsys.readouterr().out
+    assert png_size(tmp_path / "both.png") == (800, 450)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        ([], "name at least one run folder"),
+        (["{missing}"], "metrics.jsonl does not exist"),
+        (["{run}", "--x=epochs"], "--x must be one of iter, time, tokens"),
+        (["{run}", "--to={tmp}/no/such/dir/x.png"], "cannot write"),
+    ],
+)
+def test_bad_input_says_what_to_do(tmp_path, argv, fragment):
+    from nanogpt.errors import UserError
+
+    run = fake_run(tmp_path / "run", 1.0)
+    argv = [a.format(missing=tmp_path / "nope", run=run, tmp=tmp_path) for a in argv]
+    with pytest.raises(UserError, match=fragment):
+        main(argv)
+
+
+def test_an_empty_file_is_not_a_plot(tmp_path):
+    from nanogpt.errors import UserError
+
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "it')  # killed before the first full line
+    with pytest.raises(UserError, match="no complete record yet"):
+        plot_runs([tmp_path], tmp_path / "x.png")
+
+
+def test_training_refreshes_loss_png(tmp_path, prepare_char_dataset, tiny_model_args):
+    from nanogpt.train import main as train_main
+
+    data_dir = prepare_char_dataset()
+    out = tmp_path / "out"
+    args = [*tiny_model_args, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2"]
+    train_main([*args, "--plot=True"])
+    assert png_size(out / "loss.png") == (800, 450)
+    assert not list(out.glob(".loss.png.*"))  # no temporary file left behind
+    (out / "loss.png").unlink()
+    train_main([*args, "--plot=False"])
+    assert not (out / "loss.png").exists()
