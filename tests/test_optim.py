@@ -155,12 +155,14 @@ def test_target_val_loss_stops_at_the_first_evaluation_reaching_it(
 
 
 def test_our_muon_is_torchs_muon_with_a_choice_of_iteration_dtype():
-    """In bfloat16 it is torch.optim.Muon step for step, bit for bit, with the same state; in float32 (on
-    CPUs) the update is still an approximate orthogonalisation: singular values near 1."""
+    """In bfloat16 it is torch.optim.Muon step for step, bit for bit, with the same state (same-shaped matrices
+    batched into one iteration included); in float32 (on CPUs) the update is still an approximate
+    orthogonalisation: singular values near 1."""
     from nanogpt.optim import Muon, newton_schulz
 
     torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(8, 16)), torch.nn.Parameter(torch.randn(24, 8))]
+    shapes = [(8, 16), (24, 8), (8, 16), (24, 8), (5, 5)]
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
     copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
     kwargs = dict(lr=0.01, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     reference, ours = torch.optim.Muon(copies, **kwargs), Muon(params, torch.bfloat16, **kwargs)
