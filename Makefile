@@ -1,6 +1,7 @@
 # Two commands for a fresh machine (only Python and pip needed):
 #   make demo   set up .venv, prepare tiny Shakespeare, train a small model on the CPU, sample from it
 #   make test   set up .venv and run the test suite
+#   make serve  the playground and OpenAI-compatible API for the demo's model, on http://127.0.0.1:8000
 # TORCH pins the PyTorch wheel installed first; the default is the CPU build this project is tested with.
 # On a GPU machine use e.g. `make demo TORCH=torch`. INPUT may name a text file to train on.
 
@@ -12,7 +13,7 @@ INPUT ?=
 DEMO_ARGS := --device=cpu --compile=False --eval_iters=20 --log_interval=50 --block_size=64 --batch_size=12 \
 	--n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo serve test test-all lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,10 @@ demo: setup
 	$(PY) data/shakespeare_char/prepare.py $(if $(INPUT),--input=$(INPUT))
 	$(PY) train.py config/train_shakespeare_char.py $(DEMO_ARGS)
 	$(PY) sample.py --out_dir=out-shakespeare-char --device=cpu --num_samples=3 --max_new_tokens=300
+	$(PY) -m nanogpt eval --out_dir=out-shakespeare-char --device=cpu
+
+serve: setup
+	$(PY) -m nanogpt serve --out_dir=out-shakespeare-char
 
 test: setup
 	$(PY) -m ruff check nanogpt tests scripts train.py sample.py bench.py data
