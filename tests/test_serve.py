@@ -97,6 +97,10 @@ def test_logprobs_are_the_models(server):
         assert len(top) == 3 and max(top.values()) == pytest.approx(ref[pos].max().item(), abs=1e-4)
         assert token in top  # greedy: the chosen token is the most likely one
     assert lp.text_offset == list(range(2, 7))
+    # logprobs=0: the chosen tokens' log-probabilities, no alternatives (OpenAI's meaning)
+    r0 = server.client().completions.create(model=MODEL_ID, prompt="ab", max_tokens=5, temperature=0, logprobs=0)
+    assert r0.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs)
+    assert r0.choices[0].logprobs.top_logprobs == [{}] * 5
 
 
 def test_stop_strings_end_the_text_before_them(server):

@@ -179,7 +179,7 @@ def create_app(
         card = {"id": model_id, "object": "model", "created": created, "owned_by": "nanogpt"}
         return {"object": "list", "data": [{**card, "max_model_len": block_size}]}
 
-    def make_job(req: SamplingFields, prompt: str, max_tokens: int | None, logprobs: int) -> Job:
+    def make_job(req: SamplingFields, prompt: str, max_tokens: int | None, logprobs: int | None) -> Job:
         if req.model != model_id:
             raise APIError(
                 404, f"The model '{req.model}' does not exist; this server serves '{model_id}'.", param="model"
@@ -273,7 +273,7 @@ def create_app(
     async def completions(req: CompletionRequest, request: Request):
         authorize(request)
         prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        job = make_job(req, prompt, req.max_tokens, req.logprobs or 0)
+        job = make_job(req, prompt, req.max_tokens, req.logprobs)
         start(job)
         head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time())}
         head["model"] = model_id
@@ -329,8 +329,8 @@ def create_app(
         prompt = render_chat(req.messages)
         stop = req.stop_list()
         req.stop = [*stop, "\nUser:"] if len(stop) < 4 else stop  # the model would go on with the user's turn
-        top = (req.top_logprobs or 0) if req.logprobs else 0
-        job = make_job(req, prompt, req.max_completion_tokens or req.max_tokens, max(top, 1) if req.logprobs else 0)
+        top = req.top_logprobs or 0
+        job = make_job(req, prompt, req.max_completion_tokens or req.max_tokens, top if req.logprobs else None)
         start(job)
         head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": model_id}
 

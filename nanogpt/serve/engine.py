@@ -69,7 +69,7 @@ class Job:
     top_p: float | None = None
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    logprobs: int = 0  # how many alternatives to report per token (0: no log-probabilities)
+    logprobs: int | None = None  # None: no log-probabilities; k: the token's and its k likeliest alternatives'
     events: asyncio.Queue | None = None
     loop: asyncio.AbstractEventLoop | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -215,7 +215,7 @@ class _Running:
         self.steps += 1
         ids = nxt[:, 0].tolist()
         logprobs = top = None
-        if self.job.logprobs:
+        if self.job.logprobs is not None:
             lp = torch.log_softmax(logits, dim=-1)
             logprobs = lp.gather(1, nxt).squeeze(1).tolist()
             values, indices = lp.topk(min(self.job.logprobs, lp.size(-1)), dim=-1)
@@ -227,7 +227,7 @@ class _Running:
         for c in sorted(self.open):
             self.generated += 1
             text = self.decoders[c].decode(self.engine.tok.decode_bytes([ids[c]]), final=last)
-            token = Token(c, text, logprobs[c] if logprobs else None, top[c] if top else None)
+            token = Token(c, text, logprobs[c] if logprobs else None, top[c] if top is not None else None)
             released, stopped = self.stops[c].push(token)
             if last and not stopped:
                 released += self.stops[c].flush()
