@@ -14,7 +14,8 @@ read it without unpickling arbitrary objects):
     muon_optimizer  Muon state_dict, for runs with --optimizer=muon
     train_seconds   training time so far (evaluations excluded), which a --max_seconds budget goes on from
     scaler          GradScaler state_dict, when float16 training used one
-    rng             random states of Python, numpy, torch, CUDA and the batch sampler
+    rng             random states of Python, numpy, torch, CUDA and the batch sampler (rank 0's with DDP)
+    rng_ranks       every DDP process's random states, rank by rank (evaluation checkpoints of DDP runs)
     reason          "eval" (saved at an evaluation) or "interrupt" (saved on Ctrl-C / SIGTERM)
 
 Files are written atomically (see atomic.py), so a crash never leaves a torn checkpoint; loading

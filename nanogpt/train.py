@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import math
 import os
 import random
@@ -392,7 +393,7 @@ def train(o: TrainOptions, explicit: set[str], argv: list[str], at: Place, start
         StopRequest() as stop,
         TrainLog(o, state.iter_num, at.master, flops_per_iter / peak, tokens_per_iter, metrics, started) as log,
     ):
-        if resumed is not None and resumed["rng"] is not None and at.world == 1:
+        if resumed is not None and resumed["rng"] is not None:
             # restored last, after everything that might draw random numbers: the run continues exactly
             set_rng_state(resumed["rng"], state.data_gen)
         while True:
@@ -453,7 +454,8 @@ class TrainState:
     best_val_loss: float = 1e9
     train_seconds: float = 0.0  # evaluations excluded: what --max_seconds budgets
 
-    def checkpoint(self, o: TrainOptions, reason: str) -> dict[str, Any]:
+    def checkpoint(self, o: TrainOptions, reason: str, rank_rngs: list[dict] | None = None) -> dict[str, Any]:
+        """rank_rngs: every process's random states (gather_rng_states), for an exact resume with DDP."""
         return {
             "model_args": self.model.config.to_dict(),
             "model": self.model.state_dict(),
@@ -465,7 +467,8 @@ class TrainState:
             "iter_num": self.iter_num,
             "best_val_loss": self.best_val_loss,
             "tokenizer": self.tokenizer,
-            "rng": rng_state(self.data_gen),
+            "rng": rank_rngs[0] if rank_rngs else rng_state(self.data_gen),
+            **({"rng_ranks": rank_rngs} if rank_rngs and len(rank_rngs) > 1 else {}),
             "reason": reason,
         }
 
@@ -522,7 +525,40 @@ def setup(o: TrainOptions, explicit: set[str], at: Place, dtype: str) -> tuple[T
     if ckpt is None:
         return state, batches, None
     state.restore(ckpt)
-    return state, batches, {"reason": ckpt.get("reason"), "rng": ckpt.get("rng")}
+    return state, batches, {"reason": ckpt.get("reason"), "rng": rng_to_restore(ckpt, at)}
+
+
+def gather_rng_states(data_gen: torch.Generator, at: Place) -> list[dict[str, Any]] | None:
+    """Every process's random states, rank by rank (a collective: all ranks must call it); None alone."""
+    if at.world == 1:
+        return None
+    import torch.distributed as dist
+
+    # as torch.save bytes: all_gather_object's own pickling of tensors fails to load back in some versions
+    buf = io.BytesIO()
+    torch.save(rng_state(data_gen), buf)
+    states: list[Any] = [None] * at.world
+    dist.all_gather_object(states, buf.getvalue())
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in states]
+
+
+def rng_to_restore(ckpt: dict[str, Any], at: Place) -> dict[str, Any] | None:
+    """This process's random states in a resume checkpoint. With DDP, each rank gets its own when the
+    checkpoint holds them for the same number of processes (evaluation checkpoints do); otherwise the
+    ranks' streams start afresh: the run is correct, but not bit-identical to an uninterrupted one."""
+    if at.world == 1:
+        return ckpt.get("rng")
+    ranks = ckpt.get("rng_ranks")
+    if ranks and len(ranks) == at.world:
+        return ranks[at.rank]
+    if at.master:
+        held = f"{len(ranks)} processes" if ranks else "one process (an interrupt checkpoint holds rank 0's only)"
+        print(
+            f"warning: the checkpoint holds the random states of {held}, and this run has {at.world}; each "
+            "process's random streams start afresh, so the resumed run is correct but not bit-identical.",
+            file=sys.stderr,
+        )
+    return None
 
 
 def wrap_model(model: GPT, o: TrainOptions, at: Place) -> torch.nn.Module:
@@ -607,6 +643,12 @@ def evaluate_and_checkpoint(
     """Estimate the train and val losses, report them, and save ckpt.pt when val improved (or always,
     with always_save_checkpoint). Returns the val loss."""
     losses = estimate_loss(model, batches, o, at.device, ctx, o.seed)
+    if at.world > 1:  # the ranks' figures agree already; averaging makes every decision below identical
+        import torch.distributed as dist
+
+        both = torch.tensor([losses["train"], losses["val"]], device=at.device)
+        dist.all_reduce(both)
+        losses = {"train": both[0].item() / at.world, "val": both[1].item() / at.world}
     if at.master:
         log.evaluation(state, losses, lr)
     if not all(map(math.isfinite, losses.values())):
@@ -615,14 +657,16 @@ def evaluate_and_checkpoint(
             f"val {losses['val']}): the model has diverged. Training stopped and no checkpoint was written. "
             f"{DivergenceWatch.CAUSES}"
         )
-    if losses["val"] < state.best_val_loss or o.always_save_checkpoint:
+    if losses["val"] < state.best_val_loss or o.always_save_checkpoint:  # the same decision on every rank
         state.best_val_loss = min(state.best_val_loss, losses["val"])
-        if state.iter_num > 0 and at.master and not o.eval_only:
-            log.write(f"saving checkpoint to {out_dir / CKPT_NAME}")
-            save_checkpoint(out_dir / CKPT_NAME, state.checkpoint(o, "eval"))
-            stale = out_dir / INTERRUPT_NAME
-            if stale.exists():
-                stale.unlink()  # ckpt.pt is now further along
+        if state.iter_num > 0 and not o.eval_only:
+            rank_rngs = gather_rng_states(state.data_gen, at)  # every rank takes part
+            if at.master:
+                log.write(f"saving checkpoint to {out_dir / CKPT_NAME}")
+                save_checkpoint(out_dir / CKPT_NAME, state.checkpoint(o, "eval", rank_rngs))
+                stale = out_dir / INTERRUPT_NAME
+                if stale.exists():
+                    stale.unlink()  # ckpt.pt is now further along
     return losses["val"]
 
 

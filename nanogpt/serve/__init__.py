@@ -113,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"cannot listen on {o.host}:{o.port} ({e.strerror}). Another server may be using the port: "
             "choose another with --port (0 picks a free one)."
         ) from None
+    sock.listen(2048)  # connections made from now on wait in the backlog until uvicorn serves them
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     print(f"serving {source} as '{o.model_id}' at {url}  (OpenAI API: {url}/v1; Ctrl-C stops)", flush=True)
