@@ -52,6 +52,13 @@ def test_greedy_completion_is_the_models_greedy_text(server):
     assert r.object == "text_completion" and r.model == MODEL_ID
 
 
+def test_generation_goes_past_the_context_as_sample_py_does(server):
+    r = server.client().completions.create(model=MODEL_ID, prompt="ROMEO:", max_tokens=2 * BLOCK, temperature=0)
+    assert r.choices[0].text == greedy(server, "ROMEO:", 2 * BLOCK)  # the window slid past block_size
+    card = server.client().models.list().data[0]
+    assert (card.max_model_len, card.max_tokens) == (BLOCK, 1024)
+
+
 def test_seeded_samples_are_reproducible_and_n_gives_distinct_choices(server):
     c = server.client()
     kwargs = dict(model=MODEL_ID, prompt="To be", max_tokens=24, temperature=1.0, seed=7, n=3)
@@ -165,7 +172,8 @@ def test_chat_completion_renders_the_conversation_as_text(server):
     ("kwargs", "status", "fragment"),
     [
         (dict(extra_body={"frobnicate": 1}), 400, "Unrecognized request argument supplied: frobnicate"),
-        (dict(max_tokens=BLOCK), 400, "maximum context length is 96 tokens"),
+        (dict(max_tokens=1025), 400, "max_tokens=1025 is more than this server generates for one request (1024"),
+        (dict(prompt="a" * (BLOCK + 1)), 400, "maximum context length is 96 tokens, and the prompt has 97"),
         (dict(prompt=[1, 2, 3]), 400, "prompt"),
         (dict(prompt=["one", "two"]), 400, "prompt"),
         (dict(prompt=""), 400, "The prompt is empty"),

@@ -35,12 +35,15 @@ class ServeOptions:
     max_active: int = option(16, "requests generating at once (each advances one token in turn)")
     queue_size: int = option(64, "requests waiting beyond those; more are refused with 429")
     max_n: int = option(8, "the largest n (completions per request) accepted")
+    max_tokens: int = option(
+        1024, "the most tokens one request may generate; past block_size the model's window slides, as in sample.py"
+    )
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: str = option("auto", "auto, float32, bfloat16 or float16 (as for sampling)")
 
     def __post_init__(self) -> None:
-        if self.max_active < 1 or self.queue_size < 0 or self.max_n < 1:
-            raise UserError("--max_active and --max_n must be at least 1, --queue_size at least 0.")
+        if self.max_active < 1 or self.queue_size < 0 or self.max_n < 1 or self.max_tokens < 1:
+            raise UserError("--max_active, --max_n and --max_tokens must be at least 1, --queue_size at least 0.")
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port must be between 0 and 65535, got {self.port}.")
 
@@ -71,7 +74,7 @@ def build_app(o: ServeOptions):
     model.eval().to(device)
     engine = Engine(model, tok, device, dtype, o.max_active, o.queue_size)
     metrics = Path(o.out_dir) / METRICS_NAME if o.init_from == "resume" else None
-    app = create_app(engine, o.model_id, o.api_key or None, metrics, o.max_n)
+    app = create_app(engine, o.model_id, o.api_key or None, metrics, o.max_n, o.max_tokens)
     return app, engine, source
 
 

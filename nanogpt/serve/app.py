@@ -35,6 +35,7 @@ from nanogpt.serve.engine import Busy, Done, Engine, Failed, Finish, Job, Token
 
 STATIC = Path(__file__).parent / "static"
 MAX_LOGPROBS = 5  # OpenAI's limit for completions
+CHAT_DEFAULT_TOKENS = 256  # a chat request without max_tokens
 
 
 class APIError(Exception):
@@ -120,7 +121,10 @@ def create_app(
     api_key: str | None = None,
     metrics_path: Path | None = None,
     max_n: int = 8,
+    max_tokens_limit: int = 1024,
 ) -> FastAPI:
+    """The app for `engine`. The model sees at most block_size tokens, but generates up to max_tokens_limit:
+    its window slides, as in sample.py (re-encoding the newest half when it is full)."""
     app = FastAPI(title="nanogpt", docs_url=None, redoc_url=None, openapi_url=None)
     block_size = engine.model.config.block_size
     created = int(time.time())
@@ -177,7 +181,7 @@ def create_app(
     async def models(request: Request):
         authorize(request)
         card = {"id": model_id, "object": "model", "created": created, "owned_by": "nanogpt"}
-        return {"object": "list", "data": [{**card, "max_model_len": block_size}]}
+        return {"object": "list", "data": [{**card, "max_model_len": block_size, "max_tokens": max_tokens_limit}]}
 
     def make_job(req: SamplingFields, prompt: str, max_tokens: int | None, logprobs: int | None) -> Job:
         if req.model != model_id:
@@ -192,16 +196,21 @@ def create_app(
             raise APIError(400, str(e), param="prompt") from None
         if not ids:
             raise APIError(400, "The prompt is empty: give at least one character of text.", param="prompt")
-        room = block_size - len(ids)
         if max_tokens is None:
-            max_tokens = room
-        if max_tokens > room:
+            max_tokens = min(CHAT_DEFAULT_TOKENS, max_tokens_limit)
+        if max_tokens > max_tokens_limit:
             raise APIError(
                 400,
-                f"This model's maximum context length is {block_size} tokens. However, you requested "
-                f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} for the completion). "
-                "Please reduce the prompt or the completion length.",
+                f"max_tokens={max_tokens} is more than this server generates for one request "
+                f"({max_tokens_limit}; see --max_tokens). Ask for fewer tokens.",
                 param="max_tokens",
+            )
+        if len(ids) > block_size:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {block_size} tokens, and the prompt has {len(ids)}. "
+                "Please shorten the prompt.",
+                param="prompt",
             )
         return Job(
             prompt_ids=ids,

@@ -33,8 +33,8 @@ async function loadModel() {
   const card = (await r.json()).data[0];
   modelId = card.id;
   $("model").textContent = `${card.id} (context ${card.max_model_len} tokens)`;
-  $("max_tokens").max = card.max_model_len;
-  if (+$("max_tokens").value > card.max_model_len) $("max_tokens").value = card.max_model_len;
+  $("max_tokens").max = card.max_tokens;
+  if (+$("max_tokens").value > card.max_tokens) $("max_tokens").value = card.max_tokens;
   showValues();
 }
 
