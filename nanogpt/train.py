@@ -12,6 +12,7 @@ either with --init_from=resume.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import io
 import math
@@ -128,6 +129,14 @@ class TrainOptions:
     milestones: str = option("", "comma-separated val losses; the closing line says when each was first reached")
     # system
     backend: str = option("auto", "DDP backend: auto (nccl on CUDA, gloo on CPU), nccl or gloo")
+    fsdp: bool = option(
+        False,
+        "under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2, fully_shard) "
+        "instead of replicating them (DDP)",
+    )
+    activation_checkpointing: bool = option(
+        False, "recompute each block's activations during backward instead of keeping them: less memory, more compute"
+    )
     device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     dtype: str = option(
         "auto",
@@ -327,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # distributed set-up: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
     ddp = int(os.environ.get("RANK", -1)) != -1
+    if o.fsdp:
+        check_fsdp_options(o, ddp)
     if ddp:
         import torch.distributed as dist
 
@@ -347,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rank, world, grad_accum = 0, 1, o.gradient_accumulation_steps
         device = resolve_device(o.device)
     try:
-        train(o, explicit, argv, Place(device, rank, world, grad_accum), started)
+        train(o, explicit, argv, Place(device, rank, world, grad_accum, o.fsdp), started)
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(e):
             raise
@@ -361,6 +372,11 @@ def train(o: TrainOptions, explicit: set[str], argv: list[str], at: Place, start
     """The training loop, nanoGPT's: evaluate and checkpoint every eval_interval, one optimizer step
     per iteration, until max_iters, the time budget, the target loss or a signal."""
     dtype = resolve_dtype(o.dtype, at.device, training=True)
+    if at.fsdp and dtype == "float16":
+        raise UserError(
+            "--fsdp=True trains in bfloat16 or float32, not float16 (its loss scaling is not supported on sharded "
+            "gradients here): use --dtype=bfloat16 (or float32)."
+        )
     tokens_per_iter = at.grad_accum * at.world * o.batch_size * o.block_size
     if at.master:
         print(f"tokens per iteration will be: {tokens_per_iter:,}")
@@ -435,6 +451,7 @@ class Place:
     rank: int = 0
     world: int = 1
     grad_accum: int = 1  # micro-batches per optimizer step on this rank
+    fsdp: bool = False  # the model is sharded over the ranks (FSDP2) rather than replicated (DDP)
 
     @property
     def master(self) -> bool:  # rank 0 prints, logs and writes checkpoints
@@ -453,13 +470,18 @@ class TrainState:
     iter_num: int = 0
     best_val_loss: float = 1e9
     train_seconds: float = 0.0  # evaluations excluded: what --max_seconds budgets
+    fsdp: bool = False  # the model's parameters are shards (DTensors): its state is gathered to save it
 
-    def checkpoint(self, o: TrainOptions, reason: str, rank_rngs: list[dict] | None = None) -> dict[str, Any]:
-        """rank_rngs: every process's random states (gather_rng_states), for an exact resume with DDP."""
+    def checkpoint(
+        self, o: TrainOptions, reason: str, rank_rngs: list[dict] | None = None, full: dict | None = None
+    ) -> dict[str, Any]:
+        """rank_rngs: every process's random states (gather_rng_states), for an exact resume with DDP;
+        full: the whole model and optimizer state of a sharded model (gather_full_state)."""
         return {
             "model_args": self.model.config.to_dict(),
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizers[0].state_dict(),
+            "model": full["model"] if full else self.model.state_dict(),
+            "optimizer": full["optimizer"] if full else self.optimizers[0].state_dict(),
+            **({"optimizer_format": "fqn"} if full else {}),  # keyed by parameter name, not by position
             **({"muon_optimizer": self.optimizers[1].state_dict()} if len(self.optimizers) > 1 else {}),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "train_seconds": self.train_seconds,
@@ -483,6 +505,17 @@ class TrainState:
                 f"the checkpoint was trained with --optimizer={was}; resume with the same optimizer (its state "
                 "cannot be carried over to another one)."
             )
+        if ckpt.get("optimizer_format") == "fqn":  # written by an --fsdp run: loads sharded or not
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            options = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(self.model, self.optimizers[0], optim_state_dict=saved[0], options=options)
+            return
+        if saved and self.fsdp:
+            raise UserError(
+                "this checkpoint was written without --fsdp, and its optimizer state cannot be sharded: resume it "
+                "without --fsdp (DDP or one process), or start the --fsdp run afresh."
+            )
         for optimizer, state in zip(self.optimizers, saved):
             optimizer.load_state_dict(state)
         if ckpt.get("scaler"):
@@ -498,7 +531,11 @@ def setup(o: TrainOptions, explicit: set[str], at: Place, dtype: str) -> tuple[T
     data_gen = torch.Generator().manual_seed(o.seed + at.rank)
     enable_tf32(at.device)
     meta = read_meta(o.resolved_data_dir)
+    if at.fsdp:  # every rank keeps a shard of its own initialisation: they must all draw the same one
+        torch.manual_seed(o.seed)  # (DDP instead broadcasts rank 0's weights)
     model, ckpt = build_model(o, explicit, meta)
+    if at.fsdp:
+        torch.manual_seed(o.seed + at.rank)
     if ckpt is None and o.init_from == "scratch" and at.master:
         print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
     batches = TokenBatches(o.resolved_data_dir, model.config.block_size, vocab_size=model.config.vocab_size)
@@ -511,8 +548,13 @@ def setup(o: TrainOptions, explicit: set[str], at: Place, dtype: str) -> tuple[T
 
         tokenizer_spec = tokenizer_spec_for(o.init_from)
     model.to(at.device)
+    if o.activation_checkpointing:
+        checkpoint_blocks(model)
+    if at.fsdp:  # before the optimizers: they must hold the shards
+        shard(model, at, dtype)
     if not o.eval_only:
-        need = training_bytes(model.config, sum(p.numel() for p in model.parameters()), o.batch_size, DTYPES[dtype])
+        n_params = sum(p.numel() for p in model.parameters()) // (at.world if at.fsdp else 1)  # held per rank
+        need = training_bytes(model.config, n_params, o.batch_size, DTYPES[dtype])
         require(need, at.device, f"a training step of --batch_size={o.batch_size}", TRAIN_ADVICE)
     # float16 gradients underflow to zero below ~6e-8: the GradScaler multiplies the loss before backward
     # and divides the gradients before the step, skipping steps whose gradients overflowed (Micikevicius
@@ -521,11 +563,65 @@ def setup(o: TrainOptions, explicit: set[str], at: Place, dtype: str) -> tuple[T
     optimizers = build_optimizers(
         model, o.optimizer, o.learning_rate, o.weight_decay, (o.beta1, o.beta2), at.device.split(":")[0]
     )
-    state = TrainState(model, optimizers, scaler, tokenizer_spec, data_gen)
+    state = TrainState(model, optimizers, scaler, tokenizer_spec, data_gen, fsdp=at.fsdp)
     if ckpt is None:
         return state, batches, None
     state.restore(ckpt)
     return state, batches, {"reason": ckpt.get("reason"), "rng": rng_to_restore(ckpt, at)}
+
+
+def check_fsdp_options(o: TrainOptions, under_torchrun: bool) -> None:
+    """--fsdp=True with the options it cannot work with: refused before any process group starts."""
+    if not under_torchrun:
+        raise UserError(
+            "--fsdp=True shards the model over the processes torchrun starts: run it under torchrun, e.g. "
+            "torchrun --standalone --nproc_per_node=2 train.py ... --fsdp=True."
+        )
+    if o.optimizer == "muon":
+        raise UserError(
+            "--optimizer=muon cannot run with --fsdp=True: Muon orthogonalises whole matrices, and FSDP gives each "
+            "process a shard of each. Use --optimizer=adamw, or leave --fsdp off (DDP replicates the matrices)."
+        )
+    if o.compile:
+        raise UserError("--compile=True is not supported with --fsdp=True yet; leave --compile unset (auto).")
+
+
+def shard(model: GPT, at: Place, dtype: str) -> None:
+    """FSDP2: each block, then the rest (embeddings, final norm, head), sharded over all ranks. Mixed
+    precision through its policy: blocks compute in bfloat16 when asked, while the float32 shards stay the
+    master weights and gradients are reduced in float32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(at.device.split(":")[0], (at.world,))
+    policy = MixedPrecisionPolicy(param_dtype=None if dtype == "float32" else DTYPES[dtype], reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def checkpoint_blocks(model: GPT) -> None:
+    """Activation checkpointing: each block keeps only its input for backward and recomputes the rest
+    (Chen et al. 2016), with the same random numbers for dropout."""
+    import torch.utils.checkpoint
+
+    for block in model.transformer.h:
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+
+
+def gather_full_state(state: TrainState) -> dict[str, Any]:
+    """The whole model and optimizer state of a sharded model, on rank 0's CPU (a collective: all ranks call it)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {
+        "model": get_model_state_dict(state.model, options=options),
+        "optimizer": get_optimizer_state_dict(state.model, state.optimizers[0], options=options),
+    }
 
 
 def gather_rng_states(data_gen: torch.Generator, at: Place) -> list[dict[str, Any]] | None:
@@ -563,11 +659,11 @@ def rng_to_restore(ckpt: dict[str, Any], at: Place) -> dict[str, Any] | None:
 
 def wrap_model(model: GPT, o: TrainOptions, at: Place) -> torch.nn.Module:
     """The model as the loop calls it: compiled (--compile) and, with several processes, wrapped by DDP."""
-    if o.compile if o.compile is not None else at.device.startswith("cuda"):
+    if o.compile if o.compile is not None else at.device.startswith("cuda") and not at.fsdp:
         if at.master:
             print("compiling the model... (takes a ~minute)")
         model = torch.compile(model)
-    if at.world > 1:
+    if at.world > 1 and not at.fsdp:  # FSDP wrapped the model already (shard)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(model, device_ids=[int(at.device.split(":")[1])] if at.device.startswith("cuda") else None)
@@ -618,7 +714,9 @@ def train_step(model, state: TrainState, batches: TokenBatches, o: TrainOptions,
     for micro_step in range(at.grad_accum):
         # DDP all-reduces the gradients in the last micro-step's backward only
         last = micro_step == at.grad_accum - 1
-        no_sync = model.no_sync() if at.world > 1 and not last else contextlib.nullcontext()
+        no_sync = model.no_sync() if at.world > 1 and not at.fsdp and not last else contextlib.nullcontext()
+        if at.fsdp:
+            model.set_requires_gradient_sync(last)  # reduce-scatter the gradients once, in the last micro-step
         x, y = batches.get_batch("train", o.batch_size, state.data_gen, at.device)
         with no_sync, ctx:
             _, loss = model(x, y)
@@ -661,9 +759,10 @@ def evaluate_and_checkpoint(
         state.best_val_loss = min(state.best_val_loss, losses["val"])
         if state.iter_num > 0 and not o.eval_only:
             rank_rngs = gather_rng_states(state.data_gen, at)  # every rank takes part
+            full = gather_full_state(state) if at.fsdp else None
             if at.master:
                 log.write(f"saving checkpoint to {out_dir / CKPT_NAME}")
-                save_checkpoint(out_dir / CKPT_NAME, state.checkpoint(o, "eval", rank_rngs))
+                save_checkpoint(out_dir / CKPT_NAME, state.checkpoint(o, "eval", rank_rngs, full))
                 stale = out_dir / INTERRUPT_NAME
                 if stale.exists():
                     stale.unlink()  # ckpt.pt is now further along
@@ -675,6 +774,14 @@ def save_interrupt(
 ) -> None:
     """Ctrl-C or SIGTERM between iterations: save interrupt.pt, say how to resume, exit 130 or 143."""
     watch.check()  # never save a diverged model
+    if at.fsdp:  # gathering the shards needs every rank at the same iteration, which a signal does not ensure
+        if at.master:
+            print(
+                f"\nstopped by {signal_name} at iteration {state.iter_num}; --fsdp runs save at evaluations only, so "
+                f"resume from {out_dir / CKPT_NAME} with: {resume_command(argv)}",
+                file=sys.stderr,
+            )
+        raise SystemExit(130 if signal_name == "SIGINT" else 143)
     if at.master:
         save_checkpoint(out_dir / INTERRUPT_NAME, state.checkpoint(o, "interrupt"))
         log.close()
