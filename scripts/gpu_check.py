@@ -8,7 +8,9 @@ It runs, each with a time limit (LIMITS, 8 minutes in all, so it cannot run long
   3. the speedrun config `python train.py config/speedrun_shakespeare_char.py` (its closing line: final
      val loss, and when val <= 1.47 was first reached, in seconds of training);
   4. the seed sampling command `python sample.py --out_dir=out-shakespeare-char`, verbatim;
-  5. bench.py on the GPT-2 124M shape (batch 12, compiled) for ms/iter and MFU, and on the seed
+  5. with 2 GPUs or more: the seed GPU config for 100 iterations under FSDP on 2 of them
+     (`torchrun --nproc_per_node=2 ... --fsdp=True`); skipped, and said so, on one GPU;
+  6. bench.py on the GPT-2 124M shape (batch 12, compiled) for ms/iter and MFU, and on the seed
      GPU model.
 Every figure goes to RESULTS_DIR/gpu_check.json, with the logs beside it.
 
@@ -37,7 +39,9 @@ DATA_FILES = ("train.bin", "val.bin", "meta.json")
 TARGET_VAL_LOSS = 1.47
 # seconds each step may take before it is killed: 480 in all, the 8 minutes the check must fit in (on an
 # H100/H200 the steps should need about half of that)
-LIMITS = {"tests": 60, "train": 230, "speedrun": 70, "sample": 30, "bench gpt2": 60, "bench shakespeare_char": 30}
+LIMITS = {
+    "tests": 60, "train": 200, "speedrun": 70, "sample": 30, "fsdp": 30, "bench gpt2": 60, "bench shakespeare_char": 30,
+}  # fmt: skip
 STEP = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
 ITER = re.compile(r"^iter (\d+): loss [\d.]+, time ([\d.]+)ms, mfu (-?[\d.]+)%")
 
@@ -199,6 +203,25 @@ def run_sampling(results: Path) -> dict[str, Any]:
     return r
 
 
+def run_fsdp(results: Path) -> dict[str, Any]:
+    """FSDP across 2 GPUs: trains, evaluates and writes its gathered checkpoint."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        print("\n== fsdp: skipped (one GPU; the FSDP leg needs two)", flush=True)
+        return {"skipped": "one GPU", "passed": True}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+        "config/train_shakespeare_char.py", "--fsdp=True", "--max_iters=100", "--eval_interval=50",
+        "--out_dir=out-fsdp",
+    ]  # fmt: skip
+    shutil.rmtree(REPO / "out-fsdp", ignore_errors=True)
+    r = run_logged("fsdp", cmd, results, LIMITS["fsdp"])
+    log = (results / "fsdp.log").read_text()
+    r["passed"] = r["returncode"] == 0 and "done: final val loss" in log and (REPO / "out-fsdp" / "ckpt.pt").is_file()
+    return r
+
+
 def run_bench(results: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     runs = {  # name -> bench options; LIMITS[f"bench {name}"] seconds each
@@ -236,7 +259,10 @@ def main(argv: list[str]) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     report["commit"] = commit.stdout.strip() or None
     t0 = time.monotonic()
-    steps = (("tests", run_tests), ("train", run_training), ("speedrun", run_speedrun), ("sample", run_sampling))
+    steps = (
+        ("tests", run_tests), ("train", run_training), ("speedrun", run_speedrun), ("sample", run_sampling),
+        ("fsdp", run_fsdp),
+    )  # fmt: skip
     for name, step in (*steps, ("bench", run_bench)):
         report[name] = step(results)
         (results / "gpu_check.json").write_text(json.dumps(report, indent=1))  # kept even if a later step dies
@@ -248,6 +274,7 @@ def main(argv: list[str]) -> int:
         "train": report["train"]["passed"],
         "speedrun": report["speedrun"]["passed"],
         "sample": report["sample"]["passed"],
+        "fsdp": report["fsdp"]["passed"],
         **{f"bench {k}": v["passed"] for k, v in report["bench"].items()},
     }
     print(f"\n== summary ({machine['gpu']}, torch {machine['torch']}, {report['total_seconds']:.0f} s)")
