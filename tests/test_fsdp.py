@@ -102,3 +102,16 @@ def test_fsdp_needs_torchrun(tmp_path):
 
     with pytest.raises(UserError, match="run it under torchrun"):
         main(["--fsdp=True", f"--out_dir={tmp_path}"])
+
+
+def test_memory_script_measures_three_configurations():
+    """scripts/fsdp_memory.py (the figures in docs/performance.md), on a tiny shape."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import fsdp_memory
+
+    peaks = fsdp_memory.main(["--n_layer=1", "--n_head=2", "--n_embd=32"])
+    assert list(peaks) == ["1 process", "DDP, 2 processes", "FSDP, 2 processes"]
+    assert all(100 < mib < 4000 for mib in peaks.values()), peaks  # a real peak of a real process, in MiB
