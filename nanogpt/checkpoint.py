@@ -271,13 +271,16 @@ def load_resume_checkpoint(out_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     return max(found, key=lambda pc: pc[1].get("iter_num", 0))
 
 
-def load_inference_model(init_from: str, out_dir: str | Path) -> tuple[GPT, Tokenizer, str]:
-    """The model to sample, evaluate or serve, its tokenizer, and where it came from: the checkpoint in
-    out_dir (init_from="resume"), or OpenAI's GPT-2 / a Hugging Face folder (needs transformers)."""
+def load_inference_model(init_from: str, out_dir: str | Path) -> tuple[GPT, Tokenizer, str, dict[str, Any]]:
+    """The model to sample, evaluate or serve, its tokenizer, where it came from, and the training options
+    it was saved with ({} for GPT-2): the checkpoint in out_dir (init_from="resume"), or OpenAI's GPT-2 /
+    a Hugging Face folder (needs transformers)."""
+    config: dict[str, Any] = {}
     if init_from == "resume":
         path = checkpoint_for_sampling(out_dir)
         ckpt = load_checkpoint(path)
         model, tok, source = model_from_checkpoint(ckpt), tokenizer_from_checkpoint(ckpt), str(path)
+        config = ckpt.get("config", {})
     else:
         from nanogpt.hf import load_pretrained_gpt2, tokenizer_spec_for
 
@@ -288,4 +291,4 @@ def load_inference_model(init_from: str, out_dir: str | Path) -> tuple[GPT, Toke
             f"{source} is damaged: its tokenizer has {tok.vocab_size} tokens but its model only "
             f"{model.config.vocab_size}."
         )
-    return model, tok, source
+    return model, tok, source, config

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanogpt.checkpoint import checkpoint_for_sampling, load_checkpoint, load_inference_model
+from nanogpt.checkpoint import load_inference_model
 from nanogpt.config import option, parse_args
 from nanogpt.data import SPLITS, read_meta
 from nanogpt.device import autocast, enable_tf32, resolve_device, resolve_dtype
@@ -102,8 +102,9 @@ def evaluate_tokens(model: GPT, ids: np.ndarray, tok: Tokenizer, batch_size: int
     return Evaluation(tokens=len(ids) - 1, bytes=n_bytes, nats=nats)
 
 
-def load_ids(o: EvalOptions, tok: Tokenizer) -> tuple[np.ndarray, str]:
-    """The token ids to evaluate on and a description of where they came from."""
+def load_ids(o: EvalOptions, tok: Tokenizer, trained_with: dict) -> tuple[np.ndarray, str]:
+    """The token ids to evaluate on and a description of where they came from; trained_with: the
+    checkpoint's training options, whose dataset --split refers to."""
     if o.text:
         text = read_prompt(f"FILE:{o.text}")
         ids = np.array(tok.encode(text), dtype=np.int64)
@@ -111,8 +112,7 @@ def load_ids(o: EvalOptions, tok: Tokenizer) -> tuple[np.ndarray, str]:
     else:
         data_dir = Path(o.data_dir) if o.data_dir else None
         if data_dir is None and o.init_from == "resume":
-            config = load_checkpoint(checkpoint_for_sampling(o.out_dir)).get("config", {})
-            data_dir = Path(config.get("data_dir") or Path("data") / config.get("dataset", "openwebtext"))
+            data_dir = Path(trained_with.get("data_dir") or Path("data") / trained_with.get("dataset", "openwebtext"))
         if data_dir is None:
             raise UserError(f"--init_from={o.init_from} has no dataset of its own: give --text=FILE or --data_dir.")
         path = data_dir / f"{o.split}.bin"
@@ -135,9 +135,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = resolve_device(o.device)
     dtype = resolve_dtype(o.dtype, device)
     enable_tf32(device)
-    model, tok, source = load_inference_model(o.init_from, o.out_dir)
+    model, tok, source, trained_with = load_inference_model(o.init_from, o.out_dir)
     model.eval().to(device)
-    ids, where = load_ids(o, tok)
+    ids, where = load_ids(o, tok, trained_with)
     r = evaluate_tokens(model, ids, tok, o.batch_size, device, autocast(device, dtype))
     print(f"model: {source}")
     print(f"text: {where}: {r.tokens:,} tokens predicted, {r.bytes:,} bytes")

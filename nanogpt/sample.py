@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     dtype = resolve_dtype(o.dtype, device)
     torch.manual_seed(o.seed)
     enable_tf32(device)
-    model, tok, _ = load_inference_model(o.init_from, o.out_dir)
+    model, tok, _, _ = load_inference_model(o.init_from, o.out_dir)
     model.eval().to(device)
     if o.compile:  # the forward pass generate() calls; the static-shape KV cache keeps it to a few graphs
         model.forward = torch.compile(model.forward)

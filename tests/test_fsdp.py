@@ -41,7 +41,9 @@ def losses(out: str) -> dict[int, float]:
     return {int(i): float(v) for i, v in ITER.findall(out)}
 
 
-def test_fsdp_follows_ddp_and_resumes_bit_exactly(torchrun, tmp_path, run_script, repo_root, tiny_model_args):
+def test_fsdp_follows_ddp_resumes_bit_exactly_and_its_checkpoint_serves_sample_and_one_process(
+    torchrun, tmp_path, run_script, repo_root, tiny_model_args
+):
     fsdp = torchrun("fsdp", "--max_iters=8", "--fsdp=True")
     ddp = torchrun("ddp", "--max_iters=8")
     assert sorted(losses(fsdp)) == list(range(9))
@@ -77,7 +79,7 @@ def test_fsdp_follows_ddp_and_resumes_bit_exactly(torchrun, tmp_path, run_script
     assert "resuming from" in single.stdout and sorted(losses(single.stdout)) == [8, 9, 10]
 
 
-def test_fsdp_with_activation_checkpointing_and_bfloat16(torchrun):
+def test_fsdp_activation_checkpointing_changes_no_loss_and_bfloat16_trains(torchrun):
     plain = losses(torchrun("plain", "--max_iters=4", "--fsdp=True"))
     recomputed = losses(torchrun("ac", "--max_iters=4", "--fsdp=True", "--activation_checkpointing=True"))
     assert recomputed == pytest.approx(plain, abs=1e-5)  # recomputing activations changes no result

@@ -284,7 +284,7 @@ def test_50_concurrent_streams_complete_unmixed(server):
 # ----------------------------------------------------------------------------- the command
 
 
-def test_serve_command_with_a_trained_run(tiny_checkpoint, script_env):
+def test_serve_command_serves_the_run_its_metrics_and_the_page(tiny_checkpoint, script_env):
     """`nanogpt serve` as a user starts it: a real process, the URL it prints, the run's metrics."""
     import subprocess
     import sys

@@ -70,7 +70,7 @@ def build_app(o: ServeOptions):
     device = resolve_device(o.device)
     dtype = resolve_dtype(o.dtype, device)
     enable_tf32(device)
-    model, tok, source = load_inference_model(o.init_from, o.out_dir)
+    model, tok, source, _ = load_inference_model(o.init_from, o.out_dir)
     model.eval().to(device)
     engine = Engine(model, tok, device, dtype, o.max_active, o.queue_size)
     metrics = Path(o.out_dir) / METRICS_NAME if o.init_from == "resume" else None

@@ -144,6 +144,8 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         with self.cond:
+            if len(self.waiting) >= self.queue_size:  # full: first drop the requests their clients left
+                self.waiting = collections.deque(j for j in self.waiting if not j.cancelled.is_set())
             if len(self.waiting) >= self.queue_size:
                 raise Busy
             self.waiting.append(job)
@@ -151,7 +153,7 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         with self.cond:
-            return {"active": len(self.active), "waiting": len(self.waiting)}
+            return {"active": len(self.active), "waiting": sum(not j.cancelled.is_set() for j in self.waiting)}
 
     def close(self) -> None:
         with self.cond:
@@ -165,9 +167,10 @@ class Engine:
         with torch.inference_mode(), autocast(self.device, self.dtype):  # autocast is per thread: set it here
             while True:
                 with self.cond:
-                    self.waiting = collections.deque(j for j in self.waiting if not j.cancelled.is_set())
                     while len(self.active) < self.max_active and self.waiting:
-                        self.active.append(_Running(self, self.waiting.popleft()))
+                        job = self.waiting.popleft()
+                        if not job.cancelled.is_set():  # its client left while it waited
+                            self.active.append(_Running(self, job))
                     if self.closed:
                         return
                     if not self.active:
