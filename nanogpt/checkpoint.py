@@ -20,19 +20,37 @@ read it without unpickling arbitrary objects):
 
 Files are written atomically (see atomic.py), so a crash never leaves a torn checkpoint; loading
 checks every entry's CRC-32, so a damaged copy is refused rather than loaded with wrong weights.
+
+Runs with --fsdp=True write sharded checkpoints instead, with torch.distributed.checkpoint (DCP): every
+process writes its own shards, nothing is gathered in one place. Layout and crash safety:
+
+    ckpt.dcp/latest.json          the complete checkpoint: its folder, iteration, and every file's CRC-32
+    ckpt.dcp/iter-0000500-1a2b/   one save: DCP's .metadata and __<rank>_<n>.distcp shards, and state.pt
+                                  (everything above but "model" and "optimizer")
+
+Each save goes to a new folder; latest.json is replaced atomically once the folder is complete, and only
+then are older folders removed. So a crash at any moment leaves latest.json naming a complete checkpoint.
+DCP reshards on loading: a sharded checkpoint resumes at any number of processes, with or without FSDP,
+and `load_sharded` reads it into one process as an ordinary checkpoint (sample, eval, export, and
+`nanogpt consolidate`, which writes it as ckpt.pt).
 """
 
 from __future__ import annotations
 
+import json
 import pickle
+import secrets
+import shutil
 import sys
+import warnings
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nanogpt.atomic import atomic_open
+from nanogpt.atomic import atomic_open, atomic_write_bytes
 from nanogpt.data import read_meta
 from nanogpt.errors import UserError
 from nanogpt.model import GPT, GPTConfig
@@ -41,6 +59,9 @@ from nanogpt.tokenizer import GPT2Tokenizer, Tokenizer, tokenizer_from_spec
 FORMAT_VERSION = 1
 CKPT_NAME = "ckpt.pt"  # saved at evaluations: the best val loss so far (or the latest, always_save_checkpoint)
 INTERRUPT_NAME = "interrupt.pt"  # saved when training is stopped by Ctrl-C or SIGTERM
+SHARDED_NAME = "ckpt.dcp"  # --fsdp runs' evaluation checkpoints: a folder of shards (see above)
+MANIFEST_NAME = "latest.json"  # in SHARDED_NAME: which save is complete, and its files' CRC-32s
+STATE_NAME = "state.pt"  # in a sharded save: everything but the weights and the optimizer state
 
 
 def strip_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -77,18 +98,22 @@ def nonfinite_weights(state_dict: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, ok in zip(names, finite) if not ok]
 
 
+def diverged_weights(path: str | Path, bad: list[str]) -> UserError:
+    return UserError(
+        f"not writing {path}: the model's weights hold NaN or infinite values ({bad[0] if bad else 'on a process'}"
+        f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}), so training has diverged; the previous "
+        "checkpoint, if any, is unchanged. Usual causes: a learning rate too high (try --learning_rate 3x lower, "
+        "or a longer --warmup_iters) or float16 without loss scaling (use --dtype=bfloat16 or float32)."
+    )
+
+
 def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:
     """Write ckpt to path atomically: a crash mid-save leaves the previous file intact. Weights with
     NaN or infinite values are never written: they would replace a good checkpoint with a useless one."""
     bad = nonfinite_weights(ckpt["model"])
     if bad:
-        raise UserError(
-            f"not writing {path}: the model's weights hold NaN or infinite values ({bad[0]}"
-            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}), so training has diverged; the previous "
-            "checkpoint, if any, is unchanged. Usual causes: a learning rate too high (try --learning_rate 3x lower, "
-            "or a longer --warmup_iters) or float16 without loss scaling (use --dtype=bfloat16 or float32)."
-        )
-    ckpt = {"format_version": FORMAT_VERSION, **ckpt}
+        raise diverged_weights(path, bad)
+    ckpt = {**ckpt, "format_version": FORMAT_VERSION}
     try:
         with atomic_open(path) as f:
             torch.save(ckpt, f)
@@ -217,16 +242,20 @@ def _entry_failing_crc(path: Path) -> str | None:
         return None
 
 
-def model_from_checkpoint(ckpt: dict[str, Any], dropout: float | None = None) -> GPT:
-    """Rebuild the GPT stored in a checkpoint (on the CPU; move it where you need it)."""
+def empty_model(ckpt: dict[str, Any], dropout: float | None = None) -> GPT:
+    """A freshly initialised GPT of the shape stored in a checkpoint, for its weights to be loaded into."""
     args = dict(ckpt["model_args"])
     if dropout is not None:
         args["dropout"] = dropout
     try:
-        config = GPTConfig(**args)
+        return GPT(GPTConfig(**args))
     except (TypeError, ValueError) as e:
         raise UserError(f"the checkpoint's model_args are damaged ({e}).") from None
-    model = GPT(config)
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], dropout: float | None = None) -> GPT:
+    """Rebuild the GPT stored in a checkpoint (on the CPU; move it where you need it)."""
+    model = empty_model(ckpt, dropout)
     state = strip_prefixes(ckpt["model"])
     try:
         model.load_state_dict(state)
@@ -239,20 +268,27 @@ def tokenizer_from_checkpoint(ckpt: dict[str, Any]) -> Tokenizer:
     return tokenizer_from_spec(ckpt.get("tokenizer", {"kind": "gpt2"}))
 
 
-def checkpoint_for_sampling(out_dir: str | Path, name: str | None = None) -> Path:
-    """The file to sample or export from: `name` when given, else ckpt.pt, or interrupt.pt when a run was
-    stopped before its first evaluation checkpoint."""
+def load_model_checkpoint(out_dir: str | Path, name: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to sample, evaluate or export, and where it came from: `name` in out_dir when given;
+    else ckpt.pt, unless an --fsdp run's sharded checkpoint is further along (a run stopped before its end
+    consolidated it) or ckpt.pt is missing, in which case the shards, else interrupt.pt."""
     out_dir = Path(out_dir)
+    path = out_dir / (name or CKPT_NAME)
     if name is not None:
-        return out_dir / name
-    path = out_dir / CKPT_NAME
-    if not path.exists() and (out_dir / INTERRUPT_NAME).exists():
-        return out_dir / INTERRUPT_NAME
-    return path
+        return path, load_checkpoint(path)
+    ckpt = load_checkpoint(path) if path.exists() else None
+    sharded = read_manifest(out_dir)
+    if sharded is not None and (ckpt is None or sharded[1]["iter_num"] > ckpt.get("iter_num", 0)):
+        return sharded[0], load_sharded(out_dir)
+    if ckpt is None and (out_dir / INTERRUPT_NAME).exists():
+        path = out_dir / INTERRUPT_NAME
+    return path, ckpt if ckpt is not None else load_checkpoint(path)
 
 
-def load_resume_checkpoint(out_dir: str | Path) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint to resume from: ckpt.pt or interrupt.pt, whichever is further along."""
+def load_resume_checkpoint(out_dir: str | Path, sharded: bool = False) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint to resume from: ckpt.pt, interrupt.pt or the sharded one, whichever is further along.
+    sharded=True (an --fsdp run, which loads shards where they belong) leaves a sharded checkpoint's weights
+    and optimizer state on disk: the dict then has "shards", its folder, instead of "model" and "optimizer"."""
     out_dir = Path(out_dir)
     found, damaged = [], []
     for name in (CKPT_NAME, INTERRUPT_NAME):
@@ -262,6 +298,16 @@ def load_resume_checkpoint(out_dir: str | Path) -> tuple[Path, dict[str, Any]]:
                 found.append((path, load_checkpoint(path)))
             except UserError as e:
                 damaged.append((path, e))
+    manifest = read_manifest(out_dir)
+    if manifest is not None:
+        folder, m = manifest
+        further = max((c.get("iter_num", 0) for _, c in found), default=-1)
+        if m["iter_num"] > further or (m["iter_num"] == further and sharded):  # a tie: the cheaper to load
+            try:
+                ckpt = {**load_sharded_state(folder, m), "shards": folder} if sharded else load_sharded(out_dir)
+                found = [(folder, ckpt)]
+            except UserError as e:
+                damaged.append((folder, e))
     if not found:
         if damaged:
             raise damaged[0][1]
@@ -271,14 +317,164 @@ def load_resume_checkpoint(out_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     return max(found, key=lambda pc: pc[1].get("iter_num", 0))
 
 
+# ----------------------------------------------------------------------------- sharded checkpoints (--fsdp)
+
+
+def file_crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def save_sharded(out_dir: str | Path, model: torch.nn.Module, optimizer, meta: dict[str, Any]) -> Path:
+    """Write a sharded checkpoint of a model sharded with FSDP and its optimizer: a collective, every
+    process calls it and writes its own shards. meta: the rest of the checkpoint (progress, options,
+    random states), written by rank 0. Returns the new save's folder."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    root = Path(out_dir) / SHARDED_NAME
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    local = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in model_sd.items()}
+    bad = nonfinite_weights(local)
+    any_bad = torch.tensor(len(bad), device=next(iter(local.values())).device)
+    dist.all_reduce(any_bad)
+    if any_bad.item():  # the same decision on every rank: none writes
+        raise diverged_weights(root, bad)
+    name = [f"iter-{meta['iter_num']:07d}-{secrets.token_hex(2)}" if rank == 0 else None]
+    dist.broadcast_object_list(name)  # a new folder: never the one latest.json names
+    folder = root / name[0]
+    try:
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=folder)
+        if rank == 0:
+            with atomic_open(folder / STATE_NAME) as f:
+                # "model" left empty: the weights are in the shards
+                torch.save({"format_version": FORMAT_VERSION, **meta, "model": {}}, f)
+    except (OSError, dcp.api.CheckpointException) as e:
+        raise UserError(
+            f"could not write the sharded checkpoint {folder} ({e}); the previous checkpoint, named in "
+            f"{root / MANIFEST_NAME}, is unchanged. Free some disk space or choose a writable --out_dir."
+        ) from None
+    dist.barrier()  # every file is written
+    files = sorted(p.name for p in folder.iterdir())
+    sums: list[Any] = [None] * world
+    dist.all_gather_object(sums, {f: file_crc32(folder / f) for f in files[rank::world]})  # a share each
+    if rank == 0:
+        manifest = {"folder": folder.name, "iter_num": meta["iter_num"], "world_size": world, "crc32": {}}
+        for share in sums:
+            manifest["crc32"].update(share)
+        atomic_write_bytes(root / MANIFEST_NAME, json.dumps(manifest, indent=1).encode())
+        for old in root.iterdir():  # older saves, and what a crash mid-save left
+            if old.is_dir() and old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def read_manifest(out_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The complete sharded checkpoint in out_dir (its folder and manifest), or None when there is none."""
+    path = Path(out_dir) / SHARDED_NAME / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        folder = path.parent / manifest["folder"]
+        if not isinstance(manifest["iter_num"], int) or not all(isinstance(v, int) for v in manifest["crc32"].values()):
+            raise ValueError("wrong types")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(
+            f"{path} is damaged ({e}), so the sharded checkpoint it should name cannot be trusted. Restore it from "
+            "a backup or train again."
+        ) from None
+    return folder, manifest
+
+
+def damaged_shards(folder: Path, manifest: dict[str, Any], rank: int = 0, world: int = 1) -> list[str]:
+    """What is wrong with the files of a sharded checkpoint: missing, or failing their CRC-32. With several
+    processes each checks a share (rank, world); alone, all of them."""
+    problems = []
+    for name in sorted(manifest["crc32"])[rank::world]:
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif file_crc32(path) != manifest["crc32"][name]:
+            problems.append(f"{name} does not match its checksum")
+    return problems
+
+
+def damaged_shards_error(folder: Path, problems: list[str]) -> UserError:
+    return UserError(
+        f"the sharded checkpoint {folder} is damaged ({'; '.join(problems[:3])}"
+        f"{f'; and {len(problems) - 3} more' if len(problems) > 3 else ''}); nothing was loaded from it. Restore "
+        f"the folder from a backup, or train again (deleting {folder.parent} makes --init_from=resume use an "
+        f"older {CKPT_NAME}, if there is one)."
+    )
+
+
+def load_sharded_state(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """A sharded save's state.pt: the checkpoint without its weights and optimizer state (checked)."""
+    problems = damaged_shards(folder, {"crc32": {STATE_NAME: manifest["crc32"].get(STATE_NAME, -1)}})
+    if problems:
+        raise damaged_shards_error(folder, problems)
+    return load_checkpoint(folder / STATE_NAME)
+
+
+def load_shards_into(folder: Path, model: torch.nn.Module, optimizer, no_dist: bool) -> None:
+    """Load a sharded checkpoint into a model and its optimizer, sharded or not, at any number of processes
+    (DCP reshards): each process reads the parts it holds. no_dist: one process alone reads everything."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with warnings.catch_warnings():  # no_dist is asked for, not assumed: DCP's warning that it assumed so is noise
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=folder, no_dist=no_dist)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
+
+
+def load_sharded(out_dir: str | Path) -> dict[str, Any]:
+    """The sharded checkpoint in out_dir read into this process as an ordinary checkpoint dict (what
+    load_checkpoint returns, AdamW state included): every file checked against its CRC-32 first."""
+    from nanogpt.optim import build_optimizers
+
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        raise UserError(
+            f"no sharded checkpoint in {out_dir} ({Path(out_dir) / SHARDED_NAME / MANIFEST_NAME} is missing); "
+            "only runs with --fsdp=True write one."
+        )
+    folder, m = manifest
+    problems = damaged_shards(folder, m)
+    if problems:
+        raise damaged_shards_error(folder, problems)
+    ckpt = load_sharded_state(folder, m)
+    model = empty_model(ckpt)
+    c = ckpt["config"]
+    optimizer = build_optimizers(
+        model, "adamw", c["learning_rate"], c["weight_decay"], (c["beta1"], c["beta2"]), "cpu"
+    )[0]
+    load_shards_into(folder, model, optimizer, no_dist=True)
+    return {**ckpt, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+def consolidate(out_dir: str | Path) -> Path:
+    """Write out_dir's sharded checkpoint as one ckpt.pt (atomically), for tools that read single files."""
+    ckpt = load_sharded(out_dir)
+    path = Path(out_dir) / CKPT_NAME
+    save_checkpoint(path, ckpt)
+    return path
+
+
 def load_inference_model(init_from: str, out_dir: str | Path) -> tuple[GPT, Tokenizer, str, dict[str, Any]]:
     """The model to sample, evaluate or serve, its tokenizer, where it came from, and the training options
     it was saved with ({} for GPT-2): the checkpoint in out_dir (init_from="resume"), or OpenAI's GPT-2 /
     a Hugging Face folder (needs transformers)."""
     config: dict[str, Any] = {}
     if init_from == "resume":
-        path = checkpoint_for_sampling(out_dir)
-        ckpt = load_checkpoint(path)
+        path, ckpt = load_model_checkpoint(out_dir)
         model, tok, source = model_from_checkpoint(ckpt), tokenizer_from_checkpoint(ckpt), str(path)
         config = ckpt.get("config", {})
     else:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanogpt.checkpoint import CKPT_NAME, INTERRUPT_NAME, checkpoint_for_sampling, load_checkpoint
+from nanogpt.checkpoint import CKPT_NAME, INTERRUPT_NAME, load_model_checkpoint
 from nanogpt.config import option, parse_args
 from nanogpt.errors import UserError, run_main
 from nanogpt.hf import export_hf, usage_snippet
@@ -37,8 +37,7 @@ class ExportOptions:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     o, explicit = parse_args(ExportOptions, argv, "nanogpt export", __doc__ or "")
-    path = checkpoint_for_sampling(o.out_dir, o.ckpt if "ckpt" in explicit else None)
-    ckpt = load_checkpoint(path)
+    path, ckpt = load_model_checkpoint(o.out_dir, o.ckpt if "ckpt" in explicit else None)
     dest = Path(o.to)
     files = export_hf(ckpt, dest)
     print(f"exported {path} (iteration {ckpt.get('iter_num', '?')}) to {dest}:")

@@ -1,20 +1,19 @@
-"""Train a GPT, on one device or many (DDP under torchrun).
+"""Train a GPT, on one device or many (DDP or FSDP under torchrun).
 
     python train.py config/train_shakespeare_char.py --device=cpu --compile=False --max_iters=2000
     torchrun --standalone --nproc_per_node=8 train.py config/train_gpt2.py
 
 Defaults train GPT-2 124M on OpenWebText, as nanoGPT does. A config file (Python assignment
 syntax, parsed not executed) and --key=value options override them, in the order given.
-Checkpoints go to <out_dir>/ckpt.pt; Ctrl-C or SIGTERM saves <out_dir>/interrupt.pt; resume
-either with --init_from=resume.
+Checkpoints go to <out_dir>/ckpt.pt (with --fsdp=True: sharded, to <out_dir>/ckpt.dcp, and
+consolidated into ckpt.pt at the end); Ctrl-C or SIGTERM saves <out_dir>/interrupt.pt; resume
+from any of them with --init_from=resume.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
-import io
 import math
 import os
 import random
@@ -36,13 +35,31 @@ from nanogpt.atomic import remove_stale_temp_files
 from nanogpt.checkpoint import (
     CKPT_NAME,
     INTERRUPT_NAME,
+    SHARDED_NAME,
+    consolidate,
+    empty_model,
     load_resume_checkpoint,
     model_from_checkpoint,
+    read_manifest,
     save_checkpoint,
+    save_sharded,
 )
 from nanogpt.config import option, parse_args
 from nanogpt.data import TokenBatches, read_meta
-from nanogpt.device import DTYPES, autocast, enable_tf32, resolve_device, resolve_dtype
+from nanogpt.device import DTYPES, autocast, enable_tf32, resolve_dtype
+from nanogpt.distributed import (
+    Place,
+    checkpoint_blocks,
+    end_processes,
+    gather_rng_states,
+    load_checked_shards,
+    optimizer_state_by_name,
+    rng_to_restore,
+    shard,
+    start_processes,
+    under_torchrun,
+    wrap_model,
+)
 from nanogpt.errors import UserError, run_main
 from nanogpt.memory import TRAIN_ADVICE, is_out_of_memory, out_of_memory, require, training_bytes
 from nanogpt.metrics import METRICS_NAME, MetricsWriter
@@ -148,7 +165,7 @@ class TrainOptions:
         "torch.compile the model: slower start, faster steps. None (auto) compiles on CUDA only; on CPUs "
         "and mps it did not pay off (docs/performance.md)",
     )
-    seed: int = option(1337, "random seed (each DDP rank adds its rank)")
+    seed: int = option(1337, "random seed (batches: the same for any number of processes; dropout: plus the rank)")
 
     def __post_init__(self) -> None:
         for name in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size"):
@@ -202,26 +219,36 @@ class TrainOptions:
 # ----------------------------------------------------------------------------- random state
 
 
-def rng_state(data_gen: torch.Generator) -> dict[str, Any]:
+def rng_state(data_gens: list[torch.Generator]) -> dict[str, Any]:
     """Every random state a training step draws from, as plain values and tensors."""
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
         "torch": torch.get_rng_state(),
-        "data": data_gen.get_state(),
+        "data": [g.get_state() for g in data_gens],
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict[str, Any], data_gen: torch.Generator) -> None:
+def set_rng_state(state: dict[str, Any], data_gens: list[torch.Generator]) -> None:
     random.setstate(_tuples(state["python"]))
     np_state = state["numpy"]
     np.random.set_state((np_state[0], np_state[1].numpy(), *np_state[2:]))
     torch.set_rng_state(state["torch"])
-    data_gen.set_state(state["data"])
+    data = [state["data"]] if torch.is_tensor(state["data"]) else state["data"]  # older checkpoints: one
+    if len(data) == len(data_gens):
+        for g, saved in zip(data_gens, data):
+            g.set_state(saved)
+    else:
+        print(
+            f"warning: the checkpoint's batches came from {len(data)} generator(s) per process and this run draws "
+            f"from {len(data_gens)} (--gradient_accumulation_steps changed); they start afresh, so the resumed run "
+            "is correct but not bit-identical.",
+            file=sys.stderr,
+        )
     if "cuda" in state and torch.cuda.is_available():
         saved, here = len(state["cuda"]), torch.cuda.device_count()
         if saved != here:  # set_rng_state_all would fail on a GPU index that no longer exists
@@ -296,13 +323,14 @@ def resume_command(argv: Sequence[str]) -> str:
 # ----------------------------------------------------------------------------- the run
 
 
-def build_model(o: TrainOptions, explicit: set[str], meta: dict) -> tuple[GPT, dict | None]:
-    """The model to train and, when resuming, the checkpoint it came from."""
+def build_model(o: TrainOptions, explicit: set[str], meta: dict, fsdp: bool = False) -> tuple[GPT, dict | None]:
+    """The model to train and, when resuming, the checkpoint it came from. With fsdp, a sharded checkpoint's
+    weights stay on disk until the model is sharded (TrainState.restore loads them)."""
     if o.init_from == "scratch":
         vocab_size = meta["vocab_size"] or 50304  # GPT-2's 50257 padded up to a multiple of 64
         return GPT(o.model_config(vocab_size)), None
     if o.init_from == "resume":
-        path, ckpt = load_resume_checkpoint(o.out_dir)
+        path, ckpt = load_resume_checkpoint(o.out_dir, sharded=fsdp)
         saved = ckpt["model_args"]
         clash = [
             f"{k}: checkpoint {saved[k]!r}, requested {getattr(o, k)!r}"
@@ -315,6 +343,8 @@ def build_model(o: TrainOptions, explicit: set[str], meta: dict) -> tuple[GPT, d
                 "Drop those options to resume as saved, or use a new --out_dir to start a new run."
             )
         print(f"resuming from {path} at iteration {ckpt['iter_num']}")
+        if "shards" in ckpt:
+            return empty_model(ckpt, dropout=o.dropout), ckpt
         return model_from_checkpoint(ckpt, dropout=o.dropout), ckpt
     from nanogpt.hf import load_pretrained_gpt2  # transformers is only needed for this path
 
@@ -334,38 +364,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     o, explicit = parse_args(TrainOptions, argv, "python train.py", __doc__ or "")
 
-    # distributed set-up: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
-    ddp = int(os.environ.get("RANK", -1)) != -1
     if o.fsdp:
-        check_fsdp_options(o, ddp)
-    if ddp:
-        import torch.distributed as dist
-
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        device = resolve_device(o.device)
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        backend = o.backend if o.backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
-        dist.init_process_group(backend=backend)
-        if o.gradient_accumulation_steps % world:
-            raise UserError(
-                f"--gradient_accumulation_steps={o.gradient_accumulation_steps} must be divisible by the number of "
-                f"processes ({world}): the micro-batches are shared among them."
-            )
-        grad_accum = o.gradient_accumulation_steps // world
-    else:
-        rank, world, grad_accum = 0, 1, o.gradient_accumulation_steps
-        device = resolve_device(o.device)
+        check_fsdp_options(o, under_torchrun())
+    at = start_processes(o.device, o.backend, o.gradient_accumulation_steps, o.fsdp)
     try:
-        train(o, explicit, argv, Place(device, rank, world, grad_accum, o.fsdp), started)
+        train(o, explicit, argv, at, started)
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(e):
             raise
-        raise out_of_memory(device, TRAIN_ADVICE) from None
+        raise out_of_memory(at.device, TRAIN_ADVICE) from None
     finally:
-        if ddp:
-            dist.destroy_process_group()
+        end_processes(at)
+    if o.fsdp and at.master and not o.eval_only and read_manifest(o.out_dir) is not None:
+        # the run is over: its last sharded checkpoint as one file, for sample.py, eval and export
+        print(f"consolidated the sharded checkpoint into {consolidate(o.out_dir)}")
 
 
 def train(o: TrainOptions, explicit: set[str], argv: list[str], at: Place, started: float) -> None:
@@ -394,7 +406,7 @@ def train(o: TrainOptions, explicit: set[str], argv: list[str], at: Place, start
                     "nothing to do. Give a larger --max_iters to train on."
                 )
             return
-    model = wrap_model(state.model, o, at)
+    model = wrap_model(state.model, o.compile, at)
     out_dir = prepare_out_dir(o.out_dir) if at.master else Path(o.out_dir)
     ctx = autocast(at.device, dtype)
     watch = DivergenceWatch(at.device)
@@ -411,7 +423,7 @@ def train(o: TrainOptions, explicit: set[str], argv: list[str], at: Place, start
     ):
         if resumed is not None and resumed["rng"] is not None:
             # restored last, after everything that might draw random numbers: the run continues exactly
-            set_rng_state(resumed["rng"], state.data_gen)
+            set_rng_state(resumed["rng"], state.data_gens)
         while True:
             lr = set_lr(state.optimizers, get_lr(state.iter_num, o, state.train_seconds), o.muon_lr_scale)
             # eval_only evaluates whatever the iteration: a finished checkpoint is rarely at a multiple;
@@ -443,21 +455,6 @@ def train(o: TrainOptions, explicit: set[str], argv: list[str], at: Place, start
 # ----------------------------------------------------------------------------- the pieces of the loop
 
 
-@dataclass(frozen=True)
-class Place:
-    """Where this process trains: its device and its rank among `world` processes (1 without torchrun)."""
-
-    device: str
-    rank: int = 0
-    world: int = 1
-    grad_accum: int = 1  # micro-batches per optimizer step on this rank
-    fsdp: bool = False  # the model is sharded over the ranks (FSDP2) rather than replicated (DDP)
-
-    @property
-    def master(self) -> bool:  # rank 0 prints, logs and writes checkpoints
-        return self.rank == 0
-
-
 @dataclass
 class TrainState:
     """What a checkpoint holds besides the options: everything a resumed run needs to go on exactly."""
@@ -466,38 +463,45 @@ class TrainState:
     optimizers: list[torch.optim.Optimizer]
     scaler: torch.amp.GradScaler
     tokenizer: dict
-    data_gen: torch.Generator
+    data_gens: list[torch.Generator]  # one per micro-batch this process draws in a step (see setup)
     iter_num: int = 0
     best_val_loss: float = 1e9
     train_seconds: float = 0.0  # evaluations excluded: what --max_seconds budgets
     fsdp: bool = False  # the model's parameters are shards (DTensors): its state is gathered to save it
 
-    def checkpoint(
-        self, o: TrainOptions, reason: str, rank_rngs: list[dict] | None = None, full: dict | None = None
-    ) -> dict[str, Any]:
-        """rank_rngs: every process's random states (gather_rng_states), for an exact resume with DDP;
-        full: the whole model and optimizer state of a sharded model (gather_full_state)."""
+    def checkpoint(self, o: TrainOptions, reason: str, rank_rngs: list[dict] | None = None) -> dict[str, Any]:
+        """The whole checkpoint of an unsharded model. rank_rngs: every process's random states
+        (gather_rng_states), for an exact resume with several processes."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizers[0].state_dict(),
+            **({"muon_optimizer": self.optimizers[1].state_dict()} if len(self.optimizers) > 1 else {}),
+            **self.progress(o, reason, rank_rngs),
+        }
+
+    def progress(self, o: TrainOptions, reason: str, rank_rngs: list[dict] | None = None) -> dict[str, Any]:
+        """The checkpoint without the weights and optimizer states: what a sharded save keeps in one file."""
         return {
             "model_args": self.model.config.to_dict(),
-            "model": full["model"] if full else self.model.state_dict(),
-            "optimizer": full["optimizer"] if full else self.optimizers[0].state_dict(),
-            **({"optimizer_format": "fqn"} if full else {}),  # keyed by parameter name, not by position
-            **({"muon_optimizer": self.optimizers[1].state_dict()} if len(self.optimizers) > 1 else {}),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "train_seconds": self.train_seconds,
             "config": asdict(o),
             "iter_num": self.iter_num,
             "best_val_loss": self.best_val_loss,
             "tokenizer": self.tokenizer,
-            "rng": rank_rngs[0] if rank_rngs else rng_state(self.data_gen),
+            "rng": rank_rngs[0] if rank_rngs else rng_state(self.data_gens),
             **({"rng_ranks": rank_rngs} if rank_rngs and len(rank_rngs) > 1 else {}),
             "reason": reason,
         }
 
-    def restore(self, ckpt: dict[str, Any]) -> None:
-        """Progress, optimizer and scaler states from a resume checkpoint (the weights are loaded already)."""
+    def restore(self, ckpt: dict[str, Any], at: Place) -> None:
+        """Progress, optimizer and scaler states from a resume checkpoint (the weights are loaded already,
+        except a sharded checkpoint's, loaded here into the shards)."""
         self.iter_num, self.best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         self.train_seconds = ckpt.get("train_seconds", 0.0)  # a time budget goes on from where it stopped
+        if "shards" in ckpt:
+            load_checked_shards(ckpt["shards"], self.model, self.optimizers[0], at)
+            return
         saved = [ckpt[k] for k in ("optimizer", "muon_optimizer") if k in ckpt]
         if saved and len(saved) != len(self.optimizers):
             was = "muon" if "muon_optimizer" in ckpt else "adamw"
@@ -505,17 +509,15 @@ class TrainState:
                 f"the checkpoint was trained with --optimizer={was}; resume with the same optimizer (its state "
                 "cannot be carried over to another one)."
             )
-        if ckpt.get("optimizer_format") == "fqn":  # written by an --fsdp run: loads sharded or not
+        # by parameter name (FSDP runs of nanogpt 0.x wrote it so): what set_optimizer_state_dict reads
+        by_name = ckpt.get("optimizer_format") == "fqn"
+        if saved and (self.fsdp or by_name):  # one whole state, sharded as it loads
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+            state = saved[0] if by_name else optimizer_state_by_name(self.model, self.optimizers[0], saved[0])
             options = StateDictOptions(full_state_dict=True)
-            set_optimizer_state_dict(self.model, self.optimizers[0], optim_state_dict=saved[0], options=options)
+            set_optimizer_state_dict(self.model, self.optimizers[0], optim_state_dict=state, options=options)
             return
-        if saved and self.fsdp:
-            raise UserError(
-                "this checkpoint was written without --fsdp, and its optimizer state cannot be sharded: resume it "
-                "without --fsdp (DDP or one process), or start the --fsdp run afresh."
-            )
         for optimizer, state in zip(self.optimizers, saved):
             optimizer.load_state_dict(state)
         if ckpt.get("scaler"):
@@ -528,12 +530,15 @@ def setup(o: TrainOptions, explicit: set[str], at: Place, dtype: str) -> tuple[T
     torch.manual_seed(o.seed + at.rank)
     random.seed(o.seed + at.rank)
     np.random.seed(o.seed + at.rank)
-    data_gen = torch.Generator().manual_seed(o.seed + at.rank)
+    # one generator per micro-batch of a step (grad_accum x world of them), each process drawing every
+    # world-th: whatever the number of processes, a step sees the same batches
+    slots = range(at.rank, at.grad_accum * at.world, at.world)
+    data_gens = [torch.Generator().manual_seed(o.seed + slot) for slot in slots]
     enable_tf32(at.device)
     meta = read_meta(o.resolved_data_dir)
     if at.fsdp:  # every rank keeps a shard of its own initialisation: they must all draw the same one
         torch.manual_seed(o.seed)  # (DDP instead broadcasts rank 0's weights)
-    model, ckpt = build_model(o, explicit, meta)
+    model, ckpt = build_model(o, explicit, meta, at.fsdp)
     if at.fsdp:
         torch.manual_seed(o.seed + at.rank)
     if ckpt is None and o.init_from == "scratch" and at.master:
@@ -563,10 +568,10 @@ def setup(o: TrainOptions, explicit: set[str], at: Place, dtype: str) -> tuple[T
     optimizers = build_optimizers(
         model, o.optimizer, o.learning_rate, o.weight_decay, (o.beta1, o.beta2), at.device.split(":")[0]
     )
-    state = TrainState(model, optimizers, scaler, tokenizer_spec, data_gen, fsdp=at.fsdp)
+    state = TrainState(model, optimizers, scaler, tokenizer_spec, data_gens, fsdp=at.fsdp)
     if ckpt is None:
         return state, batches, None
-    state.restore(ckpt)
+    state.restore(ckpt, at)
     return state, batches, {"reason": ckpt.get("reason"), "rng": rng_to_restore(ckpt, at)}
 
 
@@ -584,90 +589,6 @@ def check_fsdp_options(o: TrainOptions, under_torchrun: bool) -> None:
         )
     if o.compile:
         raise UserError("--compile=True is not supported with --fsdp=True yet; leave --compile unset (auto).")
-
-
-def shard(model: GPT, at: Place, dtype: str) -> None:
-    """FSDP2: each block, then the rest (embeddings, final norm, head), sharded over all ranks. Mixed
-    precision through its policy: blocks compute in bfloat16 when asked, while the float32 shards stay the
-    master weights and gradients are reduced in float32."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(at.device.split(":")[0], (at.world,))
-    policy = MixedPrecisionPolicy(param_dtype=None if dtype == "float32" else DTYPES[dtype], reduce_dtype=torch.float32)
-    for block in model.transformer.h:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-
-
-def checkpoint_blocks(model: GPT) -> None:
-    """Activation checkpointing: each block keeps only its input for backward and recomputes the rest
-    (Chen et al. 2016), with the same random numbers for dropout."""
-    import torch.utils.checkpoint
-
-    for block in model.transformer.h:
-        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
-
-
-def gather_full_state(state: TrainState) -> dict[str, Any]:
-    """The whole model and optimizer state of a sharded model, on rank 0's CPU (a collective: all ranks call it)."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return {
-        "model": get_model_state_dict(state.model, options=options),
-        "optimizer": get_optimizer_state_dict(state.model, state.optimizers[0], options=options),
-    }
-
-
-def gather_rng_states(data_gen: torch.Generator, at: Place) -> list[dict[str, Any]] | None:
-    """Every process's random states, rank by rank (a collective: all ranks must call it); None alone."""
-    if at.world == 1:
-        return None
-    import torch.distributed as dist
-
-    # as torch.save bytes: all_gather_object's own pickling of tensors fails to load back in some versions
-    buf = io.BytesIO()
-    torch.save(rng_state(data_gen), buf)
-    states: list[Any] = [None] * at.world
-    dist.all_gather_object(states, buf.getvalue())
-    return [torch.load(io.BytesIO(b), weights_only=True) for b in states]
-
-
-def rng_to_restore(ckpt: dict[str, Any], at: Place) -> dict[str, Any] | None:
-    """This process's random states in a resume checkpoint. With DDP, each rank gets its own when the
-    checkpoint holds them for the same number of processes (evaluation checkpoints do); otherwise the
-    ranks' streams start afresh: the run is correct, but not bit-identical to an uninterrupted one."""
-    if at.world == 1:
-        return ckpt.get("rng")
-    ranks = ckpt.get("rng_ranks")
-    if ranks and len(ranks) == at.world:
-        return ranks[at.rank]
-    if at.master:
-        held = f"{len(ranks)} processes" if ranks else "one process (an interrupt checkpoint holds rank 0's only)"
-        print(
-            f"warning: the checkpoint holds the random states of {held}, and this run has {at.world}; each "
-            "process's random streams start afresh, so the resumed run is correct but not bit-identical.",
-            file=sys.stderr,
-        )
-    return None
-
-
-def wrap_model(model: GPT, o: TrainOptions, at: Place) -> torch.nn.Module:
-    """The model as the loop calls it: compiled (--compile) and, with several processes, wrapped by DDP."""
-    if o.compile if o.compile is not None else at.device.startswith("cuda") and not at.fsdp:
-        if at.master:
-            print("compiling the model... (takes a ~minute)")
-        model = torch.compile(model)
-    if at.world > 1 and not at.fsdp:  # FSDP wrapped the model already (shard)
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[int(at.device.split(":")[1])] if at.device.startswith("cuda") else None)
-    return model
 
 
 def prepare_out_dir(name: str) -> Path:
@@ -717,7 +638,7 @@ def train_step(model, state: TrainState, batches: TokenBatches, o: TrainOptions,
         no_sync = model.no_sync() if at.world > 1 and not at.fsdp and not last else contextlib.nullcontext()
         if at.fsdp:
             model.set_requires_gradient_sync(last)  # reduce-scatter the gradients once, in the last micro-step
-        x, y = batches.get_batch("train", o.batch_size, state.data_gen, at.device)
+        x, y = batches.get_batch("train", o.batch_size, state.data_gens[micro_step], at.device)
         with no_sync, ctx:
             _, loss = model(x, y)
             loss = loss / at.grad_accum  # the mean over micro-batches, not the sum
@@ -758,11 +679,14 @@ def evaluate_and_checkpoint(
     if losses["val"] < state.best_val_loss or o.always_save_checkpoint:  # the same decision on every rank
         state.best_val_loss = min(state.best_val_loss, losses["val"])
         if state.iter_num > 0 and not o.eval_only:
-            rank_rngs = gather_rng_states(state.data_gen, at)  # every rank takes part
-            full = gather_full_state(state) if at.fsdp else None
-            if at.master:
+            rank_rngs = gather_rng_states(rng_state(state.data_gens), at)  # every rank takes part
+            if at.fsdp:  # every rank writes its shards
+                if at.master:
+                    log.write(f"saving sharded checkpoint to {out_dir / SHARDED_NAME}")
+                save_sharded(out_dir, state.model, state.optimizers[0], state.progress(o, "eval", rank_rngs))
+            elif at.master:
                 log.write(f"saving checkpoint to {out_dir / CKPT_NAME}")
-                save_checkpoint(out_dir / CKPT_NAME, state.checkpoint(o, "eval", rank_rngs, full))
+                save_checkpoint(out_dir / CKPT_NAME, state.checkpoint(o, "eval", rank_rngs))
                 stale = out_dir / INTERRUPT_NAME
                 if stale.exists():
                     stale.unlink()  # ckpt.pt is now further along
@@ -778,7 +702,7 @@ def save_interrupt(
         if at.master:
             print(
                 f"\nstopped by {signal_name} at iteration {state.iter_num}; --fsdp runs save at evaluations only, so "
-                f"resume from {out_dir / CKPT_NAME} with: {resume_command(argv)}",
+                f"resume from {out_dir / SHARDED_NAME} with: {resume_command(argv)}",
                 file=sys.stderr,
             )
         raise SystemExit(130 if signal_name == "SIGINT" else 143)

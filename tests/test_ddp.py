@@ -205,8 +205,8 @@ def test_ddp_resume_at_the_same_world_size_is_bit_identical(
     straight = torchrun("straight", "--max_iters=8")
     torchrun("resumed", "--max_iters=4")
     ckpt = load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
-    assert len(ckpt["rng_ranks"]) == 2 and ckpt["rng"]["data"].equal(ckpt["rng_ranks"][0]["data"])
-    assert not ckpt["rng_ranks"][0]["data"].equal(ckpt["rng_ranks"][1]["data"])
+    assert len(ckpt["rng_ranks"]) == 2 and ckpt["rng"]["data"][0].equal(ckpt["rng_ranks"][0]["data"][0])
+    assert not ckpt["rng_ranks"][0]["data"][0].equal(ckpt["rng_ranks"][1]["data"][0])
     resumed = torchrun("resumed", "--max_iters=8", "--init_from=resume")
     assert "not bit-identical" not in resumed.stderr
     a = load_checkpoint(tmp_path / "straight" / "ckpt.pt")["model"]

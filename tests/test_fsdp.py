@@ -1,89 +1,239 @@
-"""FSDP2 (--fsdp=True) under torchrun: two gloo processes on the CPU."""
+"""FSDP2 (--fsdp=True) and its sharded checkpoints under torchrun: two gloo processes on the CPU."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shutil
+import signal
+import time
+from pathlib import Path
 
+import forkrun as fr
 import pytest
 import torch
 import torch.distributed
 
-from nanogpt.checkpoint import load_checkpoint
+from nanogpt.checkpoint import MANIFEST_NAME, SHARDED_NAME, load_checkpoint
 from nanogpt.errors import UserError
 from nanogpt.train import TrainOptions, check_fsdp_options
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 
 ITER = re.compile(r"^iter (\d+): loss ([\d.]+)", re.M)
-
-
-@pytest.fixture
-def torchrun(run_script, repo_root, tiny_checkpoint, tiny_model_args, tmp_path):
-    """torchrun(out, *options) -> the finished run's stdout: 2 processes, the tiny model with 2 layers."""
-    data_dir = tiny_checkpoint.parent / "data"
-    args = [a for a in tiny_model_args if not a.startswith(("--gradient_accumulation_steps", "--n_layer"))]
-    args += ["--n_layer=2", "--gradient_accumulation_steps=2", f"--data_dir={data_dir}", "--eval_interval=4"]
-    args += ["--warmup_iters=0", "--learning_rate=1e-2"]
-
-    def run(out: str, *extra: str) -> str:
-        proc = run_script(
-            "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", repo_root / "train.py",
-            *args, f"--out_dir={tmp_path / out}", *extra, timeout=240,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-        assert "Traceback" not in proc.stderr
-        return proc.stdout
-
-    return run
+VAL = re.compile(r"^step (\d+): train loss [\d.]+, val loss ([\d.]+)", re.M)
 
 
 def losses(out: str) -> dict[int, float]:
     return {int(i): float(v) for i, v in ITER.findall(out)}
 
 
-def test_fsdp_follows_ddp_resumes_bit_exactly_and_its_checkpoint_serves_sample_and_one_process(
-    torchrun, tmp_path, run_script, repo_root, tiny_model_args
-):
-    fsdp = torchrun("fsdp", "--max_iters=8", "--fsdp=True")
-    ddp = torchrun("ddp", "--max_iters=8")
-    assert sorted(losses(fsdp)) == list(range(9))
-    for i, loss in losses(ddp).items():  # the same data and initialisation: the same trajectory
+def val_losses(out: str) -> dict[int, float]:
+    return {int(i): float(v) for i, v in VAL.findall(out)}
+
+
+@pytest.fixture(scope="module")
+def args(tiny_checkpoint, tiny_model_args) -> list[str]:
+    """The tiny model with 2 layers; 2 micro-batches a step, shared among the processes."""
+    data_dir = tiny_checkpoint.parent / "data"
+    out = [a for a in tiny_model_args if not a.startswith(("--gradient_accumulation_steps", "--n_layer"))]
+    return out + [
+        "--n_layer=2", "--gradient_accumulation_steps=2", f"--data_dir={data_dir}", "--eval_interval=4",
+        "--warmup_iters=0", "--learning_rate=1e-2", "--lr_decay_iters=16",
+    ]  # fmt: skip
+
+
+def torchrun_command(args: list[str], out: Path, *extra: str, nproc: int = 2) -> list:
+    return [
+        "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", fr.REPO / "train.py",
+        *args, f"--out_dir={out}", *extra,
+    ]  # fmt: skip
+
+
+def torchrun(args: list[str], out: Path, *extra: str, nproc: int = 2) -> str:
+    """A finished torchrun of train.py; returns its stdout."""
+    proc = fr.run_script(*torchrun_command(args, out, *extra, nproc=nproc), cwd=out.parent, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def straight(args, tmp_path_factory) -> tuple[Path, str]:
+    """An --fsdp run of 12 iterations on 2 processes, checkpoints at 4, 8 and 12: its out_dir and stdout."""
+    out = tmp_path_factory.mktemp("fsdp") / "straight"
+    return out, torchrun(args, out, "--max_iters=12", "--fsdp=True")
+
+
+def copy_run(src: Path, dest: Path, *without: str) -> Path:
+    shutil.copytree(src, dest)
+    for name in without:
+        path = dest / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return dest
+
+
+def test_fsdp_ddp_and_one_process_follow_the_same_trajectory(straight, args, tmp_path, run_in_process):
+    """The same global batch (2 micro-batches) on 2 FSDP processes, 2 DDP processes and 1 process with
+    gradient accumulation: every process draws the micro-batches of its slots, so the data are the same."""
+    from nanogpt.train import main as train_main
+
+    out, fsdp = straight
+    ddp = torchrun(args, tmp_path / "ddp", "--max_iters=12")
+    code, single, err = run_in_process(train_main, [*args, f"--out_dir={tmp_path / 'single'}", "--max_iters=12"])
+    assert code == 0, err
+    assert sorted(losses(fsdp)) == list(range(13)) and sorted(val_losses(fsdp)) == [0, 4, 8, 12]
+    for i, loss in losses(ddp).items():  # rank 0 logs its last micro-batch: the same one with FSDP and DDP
         assert losses(fsdp)[i] == pytest.approx(loss, abs=2e-4), i
-    # the checkpoint is one ordinary file: the whole model, gathered from the shards
-    a = load_checkpoint(tmp_path / "fsdp" / "ckpt.pt")
-    b = load_checkpoint(tmp_path / "ddp" / "ckpt.pt")
-    assert a["optimizer_format"] == "fqn" and a["iter_num"] == 8
-    assert all(torch.allclose(a["model"][k], b["model"][k], atol=1e-4) for k in b["model"])
-    # killed at an evaluation and resumed with as many processes: bit for bit the straight run
-    torchrun("resumed", "--max_iters=4", "--fsdp=True")
-    resumed = torchrun("resumed", "--max_iters=8", "--fsdp=True", "--init_from=resume")
-    assert {i: v for i, v in losses(fsdp).items() if i >= 4} == losses(resumed)
-    c = load_checkpoint(tmp_path / "resumed" / "ckpt.pt")["model"]
-    assert all(torch.equal(a["model"][k], c[k]) for k in c)
-    # plain sample.py reads it, and one process resumes it (2 -> 1)
-    sample = run_script(
-        repo_root / "sample.py",
-        f"--out_dir={tmp_path / 'fsdp'}",
-        "--device=cpu",
-        "--num_samples=1",
-        "--max_new_tokens=20",
-    )
+    for run in (ddp, single):  # the evaluations see the same batches everywhere
+        assert val_losses(run) == pytest.approx(val_losses(fsdp), abs=2e-4)
+    assert val_losses(fsdp)[12] < val_losses(fsdp)[0] - 0.3
+    a = load_checkpoint(out / "ckpt.pt")["model"]
+    for name in ("ddp", "single"):
+        b = load_checkpoint(tmp_path / name / "ckpt.pt")["model"]
+        assert all(torch.allclose(a[k], b[k], atol=2e-4) for k in b), name
+
+
+def test_fsdp_writes_sharded_checkpoints_and_one_file_at_the_end(straight, run_script, repo_root):
+    out, stdout = straight
+    assert stdout.count(f"saving sharded checkpoint to {out / SHARDED_NAME}") == 3
+    manifest = json.loads((out / SHARDED_NAME / MANIFEST_NAME).read_text())
+    assert manifest["iter_num"] == 12 and manifest["world_size"] == 2
+    folders = [p for p in (out / SHARDED_NAME).iterdir() if p.is_dir()]
+    assert [p.name for p in folders] == [manifest["folder"]]  # the older saves are gone
+    files = sorted(p.name for p in folders[0].iterdir())
+    assert sorted(manifest["crc32"]) == files and "state.pt" in files and ".metadata" in files
+    assert {f[:4] for f in files if f.endswith(".distcp")} == {"__0_", "__1_"}  # each process wrote its shards
+    # at the end, consolidated into the ckpt.pt every tool reads: weights, AdamW state, progress
+    assert f"consolidated the sharded checkpoint into {out / 'ckpt.pt'}" in stdout
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["iter_num"] == 12
+    assert {k for s in ckpt["optimizer"]["state"].values() for k in s} == {"step", "exp_avg", "exp_avg_sq"}
+    sample = run_script(repo_root / "sample.py", f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=20")
     assert sample.returncode == 0, sample.stderr
-    args = [a for a in tiny_model_args if not a.startswith("--n_layer")]
-    single = run_script(
-        repo_root / "train.py", *args, "--n_layer=2", f"--out_dir={tmp_path / 'fsdp'}", "--max_iters=10",
-        "--init_from=resume", "--eval_interval=4", "--learning_rate=1e-2",
-        f"--data_dir={load_checkpoint(tmp_path / 'fsdp' / 'ckpt.pt')['config']['data_dir']}",
-    )  # fmt: skip
-    assert single.returncode == 0, single.stderr
-    assert "resuming from" in single.stdout and sorted(losses(single.stdout)) == [8, 9, 10]
 
 
-def test_fsdp_activation_checkpointing_changes_no_loss_and_bfloat16_trains(torchrun):
-    plain = losses(torchrun("plain", "--max_iters=4", "--fsdp=True"))
-    recomputed = losses(torchrun("ac", "--max_iters=4", "--fsdp=True", "--activation_checkpointing=True"))
+def worker_pid(parent: int, rank: int) -> int | None:
+    """The pid of torchrun's worker of that rank (its process group leader is `parent`), or None."""
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if int(stat[1]) == parent and f"RANK={rank}".encode() in env and int(proc.name) != parent:
+            return int(proc.name)
+    return None
+
+
+def test_one_rank_killed_mid_run_resumes_bit_identically(straight, args, tmp_path):
+    """SIGKILL one of the two processes as soon as the first checkpoint is complete (torchrun then stops
+    the other), resume with the same command: the weights and every loss after the checkpoint are those
+    of the run nobody stopped."""
+    out = tmp_path / "killed"
+    command = torchrun_command(args, out, "--max_iters=12", "--fsdp=True")
+    proc = fr.popen_script(*command, cwd=tmp_path, env=fr.script_env())
+    manifest = out / SHARDED_NAME / MANIFEST_NAME
+    deadline = time.time() + 120
+    while not manifest.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    victim = worker_pid(proc.pid, rank=1)
+    assert victim is not None, "rank 1 finished before its first checkpoint"
+    os.kill(victim, signal.SIGSTOP)  # frozen where it stands; then killed without warning
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "exitcode : -9" in " ".join(err.split()), err
+    saved = json.loads(manifest.read_text())["iter_num"]
+    assert saved in (4, 8) and not (out / "ckpt.pt").exists()
+
+    resumed = torchrun(args, out, "--max_iters=12", "--fsdp=True", "--init_from=resume")
+    assert f"resuming from {out / SHARDED_NAME}" in resumed and "not bit-identical" not in resumed
+    assert losses(resumed) == {i: v for i, v in losses(straight[1]).items() if i >= saved}
+    a = load_checkpoint(straight[0] / "ckpt.pt")
+    b = load_checkpoint(out / "ckpt.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for i, state in a["optimizer"]["state"].items():  # AdamW's moments too
+        assert all(torch.equal(v, b["optimizer"]["state"][i][k]) for k, v in state.items())
+
+
+def test_one_process_resumes_evaluates_samples_and_consolidates_the_shards_of_two(
+    straight, args, tmp_path, run_in_process
+):
+    """2 -> 1: a run killed before its end has shards only; one process reads them (DCP reshards)."""
+    from nanogpt.consolidate import main as consolidate_main
+    from nanogpt.sample import main as sample_main
+    from nanogpt.train import main as train_main
+
+    out = copy_run(straight[0], tmp_path / "two", "ckpt.pt")
+    code, stdout, err = run_in_process(
+        train_main, [*args, f"--out_dir={out}", "--init_from=resume", "--eval_only=True"]
+    )
+    assert code == 0, err
+    assert f"resuming from {out / SHARDED_NAME}" in stdout
+    assert val_losses(stdout)[12] == pytest.approx(val_losses(straight[1])[12], abs=1e-5)
+    code, stdout, err = run_in_process(sample_main, [f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=10"])
+    assert code == 0 and stdout.strip(), err
+    code, stdout, err = run_in_process(consolidate_main, [f"--out_dir={out}"])
+    assert code == 0 and f"wrote {out / 'ckpt.pt'}" in stdout, err
+    a, b = load_checkpoint(straight[0] / "ckpt.pt"), load_checkpoint(out / "ckpt.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    code, stdout, err = run_in_process(train_main, [*args, f"--out_dir={out}", "--init_from=resume", "--max_iters=16"])
+    assert code == 0, err
+    assert sorted(losses(stdout)) == [12, 13, 14, 15, 16] and val_losses(stdout)[16] < val_losses(straight[1])[12]
+
+
+def test_two_processes_resume_a_one_process_run_sharded_or_not(args, tmp_path):
+    """1 -> 2: an --fsdp run on one process, resumed on two from its shards (DCP reshards), from its
+    consolidated ckpt.pt (the AdamW state renamed and sharded as it loads) and by DDP: the same state and
+    the same batches, so the same trajectory."""
+    one = tmp_path / "one"
+    torchrun(args, one, "--max_iters=4", "--fsdp=True", nproc=1)
+    copy_run(one, tmp_path / "ddp")
+    copy_run(one, tmp_path / "file", SHARDED_NAME)
+    from_shards = torchrun(args, one, "--max_iters=8", "--fsdp=True", "--init_from=resume")
+    assert f"resuming from {one / SHARDED_NAME}" in from_shards
+    from_file = torchrun(args, tmp_path / "file", "--max_iters=8", "--fsdp=True", "--init_from=resume")
+    assert f"resuming from {tmp_path / 'file' / 'ckpt.pt'}" in from_file
+    ddp = torchrun(args, tmp_path / "ddp", "--max_iters=8", "--init_from=resume")
+    assert sorted(losses(ddp)) == [4, 5, 6, 7, 8]
+    for run in (from_shards, from_file):
+        assert losses(run) == pytest.approx(losses(ddp), abs=2e-4)
+        assert val_losses(run)[8] == pytest.approx(val_losses(ddp)[8], abs=2e-4)
+
+
+def test_a_damaged_or_missing_shard_is_refused_by_name(straight, args, tmp_path, run_in_process):
+    from nanogpt.sample import main as sample_main
+    from nanogpt.train import main as train_main
+
+    out = copy_run(straight[0], tmp_path / "damaged", "ckpt.pt")
+    folder = next(p for p in (out / SHARDED_NAME).iterdir() if p.is_dir())
+    shard = sorted(folder.glob("__1_*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    # two processes, each checking a share of the files: both refuse, nothing is loaded
+    proc = fr.run_script(
+        *torchrun_command(args, out, "--max_iters=16", "--fsdp=True", "--init_from=resume"), cwd=tmp_path
+    )
+    message = " ".join(proc.stderr.split())
+    assert proc.returncode != 0 and "exitcode : 2" in message and "bug:" not in message  # each worker: a UserError
+    assert f"the sharded checkpoint {folder} is damaged ({shard.name} does not match its checksum)" in message
+    shard.unlink()
+    code, _, err = run_in_process(sample_main, [f"--out_dir={out}", "--num_samples=1"])
+    assert code == 2 and f"({shard.name} is missing); nothing was loaded from it" in " ".join(err.split())
+    (out / SHARDED_NAME / MANIFEST_NAME).write_text('{"folder": ')
+    code, _, err = run_in_process(train_main, [*args, f"--out_dir={out}", "--init_from=resume"])
+    assert code == 2 and f"{MANIFEST_NAME} is damaged" in " ".join(err.split()) and "Traceback" not in err
+
+
+def test_fsdp_activation_checkpointing_changes_no_loss_and_bfloat16_trains(args, tmp_path):
+    plain = losses(torchrun(args, tmp_path / "plain", "--max_iters=4", "--fsdp=True"))
+    recomputed = losses(
+        torchrun(args, tmp_path / "ac", "--max_iters=4", "--fsdp=True", "--activation_checkpointing=True")
+    )
     assert recomputed == pytest.approx(plain, abs=1e-5)  # recomputing activations changes no result
-    bf16 = losses(torchrun("bf16", "--max_iters=8", "--fsdp=True", "--dtype=bfloat16"))  # the mixed-precision policy
+    bf16 = losses(torchrun(args, tmp_path / "bf16", "--max_iters=8", "--fsdp=True", "--dtype=bfloat16"))
     assert bf16[8] < bf16[0] - 0.3 and bf16[0] == pytest.approx(plain[0], abs=0.05)
 
 
@@ -109,7 +259,6 @@ def test_fsdp_needs_torchrun(tmp_path):
 def test_memory_script_measures_three_configurations():
     """scripts/fsdp_memory.py (the figures in docs/performance.md), on a tiny shape."""
     import sys
-    from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     import fsdp_memory

@@ -492,9 +492,27 @@ def test_cuda_random_states_of_another_gpu_count_are_skipped_with_a_warning(monk
     from nanogpt.train import rng_state, set_rng_state
 
     gen = torch.Generator().manual_seed(0)
-    state = {**rng_state(gen), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
+    state = {**rng_state([gen]), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("must not be called"))
-    set_rng_state(state, gen)
+    set_rng_state(state, [gen])
     assert "holds the random states of 2 GPU(s) and this machine has 1" in capsys.readouterr().err
+
+
+def test_batch_generators_restore_one_per_micro_batch_and_read_older_checkpoints(capsys):
+    """A step's micro-batches each have a generator; checkpoints before that held one state, not a list."""
+    from nanogpt.train import rng_state, set_rng_state
+
+    a, b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
+    saved = rng_state([a, b])
+    expected = [torch.randint(100, (4,), generator=g) for g in (a, b)]
+    fresh = [torch.Generator().manual_seed(7), torch.Generator().manual_seed(8)]
+    set_rng_state(saved, fresh)
+    assert all(torch.equal(torch.randint(100, (4,), generator=g), e) for g, e in zip(fresh, expected))
+    older = {**saved, "data": saved["data"][1]}  # a single tensor: the one generator of older versions
+    one = [torch.Generator()]
+    set_rng_state(older, one)
+    assert torch.equal(torch.randint(100, (4,), generator=one[0]), expected[1])
+    set_rng_state(saved, one)  # two saved, one drawn now: --gradient_accumulation_steps changed
+    assert "came from 2 generator(s) per process and this run draws from 1" in " ".join(capsys.readouterr().err.split())

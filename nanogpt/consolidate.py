@@ -1,0 +1,36 @@
+"""Write the sharded checkpoint of an --fsdp run as one ckpt.pt file.
+
+    nanogpt consolidate --out_dir=out-shakespeare-char
+
+An --fsdp run writes its checkpoints sharded (<out_dir>/ckpt.dcp, one part per process) and consolidates
+the last one into <out_dir>/ckpt.pt when it ends. This does the same for a run that did not end (killed,
+or still running): one process reads every shard, checked against its CRC-32, and writes ckpt.pt
+atomically, with the weights, the AdamW state and the progress, as a single-process run would have.
+sample.py, eval and export read the shards by themselves; this is for copying a model elsewhere, or for
+tools that want the single file.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from nanogpt.checkpoint import consolidate
+from nanogpt.config import option, parse_args
+from nanogpt.errors import run_main
+
+
+@dataclass
+class ConsolidateOptions:
+    out_dir: str = option("out", "the --fsdp run's folder (what train's --out_dir was): holds ckpt.dcp/")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    o, _ = parse_args(ConsolidateOptions, argv, "nanogpt consolidate", __doc__ or "")
+    print(f"wrote {consolidate(o.out_dir)}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,177 @@
+"""Training on several processes under torchrun: set-up, DDP and FSDP2 wrapping, rank-aware helpers.
+
+torchrun starts one process per GPU (or several on the CPU, with gloo) and sets RANK, LOCAL_RANK and
+WORLD_SIZE. DDP replicates the model and all-reduces gradients; FSDP2 (`fully_shard`) shards weights,
+gradients and optimizer state over the processes and gathers each block's weights just before it runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nanogpt.checkpoint import damaged_shards, damaged_shards_error, load_shards_into, read_manifest
+from nanogpt.device import DTYPES, resolve_device
+from nanogpt.errors import UserError
+from nanogpt.model import GPT
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where this process trains: its device and its rank among `world` processes (1 without torchrun)."""
+
+    device: str
+    rank: int = 0
+    world: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step on this rank
+    fsdp: bool = False  # the model is sharded over the ranks (FSDP2) rather than replicated (DDP)
+    torchrun: bool = False  # started by torchrun: a process group is up (even for one process)
+
+    @property
+    def master(self) -> bool:  # rank 0 prints, logs and writes checkpoints
+        return self.rank == 0
+
+
+def under_torchrun() -> bool:
+    return int(os.environ.get("RANK", -1)) != -1
+
+
+def start_processes(device: str, backend: str, gradient_accumulation_steps: int, fsdp: bool) -> Place:
+    """Where this process trains. Under torchrun: its GPU (cuda:LOCAL_RANK), the process group (nccl on
+    GPUs, gloo on the CPU, unless `backend` says), and its share of the step's micro-batches."""
+    if not under_torchrun():
+        return Place(resolve_device(device), grad_accum=gradient_accumulation_steps)
+    import torch.distributed as dist
+
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    device = resolve_device(device)
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    if gradient_accumulation_steps % world:
+        raise UserError(
+            f"--gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the number of "
+            f"processes ({world}): the micro-batches are shared among them."
+        )
+    dist.init_process_group(backend=backend if backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo"))
+    return Place(device, rank, world, gradient_accumulation_steps // world, fsdp, torchrun=True)
+
+
+def end_processes(at: Place) -> None:
+    if at.torchrun:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+
+
+def shard(model: GPT, at: Place, dtype: str) -> None:
+    """FSDP2: each block, then the rest (embeddings, final norm, head), sharded over all ranks. Mixed
+    precision through its policy: blocks compute in bfloat16 when asked, while the float32 shards stay the
+    master weights and gradients are reduced in float32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(at.device.split(":")[0], (at.world,))
+    policy = MixedPrecisionPolicy(param_dtype=None if dtype == "float32" else DTYPES[dtype], reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def checkpoint_blocks(model: GPT) -> None:
+    """Activation checkpointing: each block keeps only its input for backward and recomputes the rest
+    (Chen et al. 2016), with the same random numbers for dropout."""
+    import torch.utils.checkpoint
+
+    for block in model.transformer.h:
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+
+
+def optimizer_state_by_name(model: torch.nn.Module, optimizer, saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved optimizer state_dict, whose parameters are numbered in the order of its groups, keyed by
+    parameter name instead: the form set_optimizer_state_dict loads into a sharded model."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    numbers = [i for group in saved["param_groups"] for i in group["params"]]
+    if len(numbers) != len(order):
+        raise UserError(
+            f"the checkpoint's optimizer state covers {len(numbers)} parameters, this model has {len(order)}: "
+            "resume with the options it was trained with."
+        )
+    name_of = dict(zip(numbers, order))
+    return {
+        "state": {name_of[i]: s for i, s in saved["state"].items()},
+        "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in saved["param_groups"]],
+    }
+
+
+def load_checked_shards(folder: Path, model: torch.nn.Module, optimizer, at: Place) -> None:
+    """Load a sharded checkpoint into the sharded model: the processes check its files' CRC-32s, a share
+    each, and load nothing unless all are whole (a collective)."""
+    import torch.distributed as dist
+
+    found = read_manifest(folder.parent.parent)  # out_dir/ckpt.dcp/<save>
+    if found is None or found[0] != folder:
+        raise UserError(f"{folder} was replaced while this run started; run the same command again.")
+    manifest = found[1]
+    problems: list[Any] = [None] * at.world
+    dist.all_gather_object(problems, damaged_shards(folder, manifest, at.rank, at.world))
+    problems = [p for share in problems for p in share]
+    if problems:
+        raise damaged_shards_error(folder, problems)
+    load_shards_into(folder, model, optimizer, no_dist=False)
+
+
+def gather_rng_states(state: dict[str, Any], at: Place) -> list[dict[str, Any]] | None:
+    """Every process's random states (rng_state), rank by rank (a collective: all ranks must call it);
+    None alone."""
+    if at.world == 1:
+        return None
+    import torch.distributed as dist
+
+    # as torch.save bytes: all_gather_object's own pickling of tensors fails to load back in some versions
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    states: list[Any] = [None] * at.world
+    dist.all_gather_object(states, buf.getvalue())
+    return [torch.load(io.BytesIO(b), weights_only=True) for b in states]
+
+
+def rng_to_restore(ckpt: dict[str, Any], at: Place) -> dict[str, Any] | None:
+    """This process's random states in a resume checkpoint. With DDP, each rank gets its own when the
+    checkpoint holds them for the same number of processes (evaluation checkpoints do); otherwise the
+    ranks' streams start afresh: the run is correct, but not bit-identical to an uninterrupted one."""
+    if at.world == 1:
+        return ckpt.get("rng")
+    ranks = ckpt.get("rng_ranks")
+    if ranks and len(ranks) == at.world:
+        return ranks[at.rank]
+    if at.master:
+        held = f"{len(ranks)} processes" if ranks else "one process (one was training, or it is an interrupt.pt)"
+        print(
+            f"warning: the checkpoint holds the random states of {held}, and this run has {at.world}; each "
+            "process's random streams start afresh, so the resumed run is correct but not bit-identical.",
+            file=sys.stderr,
+        )
+    return None
+
+
+def wrap_model(model: GPT, compile: bool | None, at: Place) -> torch.nn.Module:
+    """The model as the loop calls it: compiled (--compile; None: on CUDA without FSDP) and, with several
+    processes, wrapped by DDP."""
+    if compile if compile is not None else at.device.startswith("cuda") and not at.fsdp:
+        if at.master:
+            print("compiling the model... (takes a ~minute)")
+        model = torch.compile(model)
+    if at.world > 1 and not at.fsdp:  # FSDP wrapped the model already (shard)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[int(at.device.split(":")[1])] if at.device.startswith("cuda") else None)
+    return model
