@@ -9,7 +9,8 @@ It runs, each with a time limit (LIMITS, 8 minutes in all, so it cannot run long
      val loss, and when val <= 1.47 was first reached, in seconds of training);
   4. the seed sampling command `python sample.py --out_dir=out-shakespeare-char`, verbatim;
   5. with 2 GPUs or more: the seed GPU config for 100 iterations under FSDP on 2 of them
-     (`torchrun --nproc_per_node=2 ... --fsdp=True`); skipped, and said so, on one GPU;
+     (`torchrun --nproc_per_node=2 ... --fsdp=True`), then resumed from its sharded checkpoint to 150;
+     skipped, and said so, on one GPU;
   6. bench.py on the GPT-2 124M shape (batch 12, compiled) for ms/iter and MFU, and on the seed
      GPU model.
 Every figure goes to RESULTS_DIR/gpu_check.json, with the logs beside it.
@@ -204,7 +205,7 @@ def run_sampling(results: Path) -> dict[str, Any]:
 
 
 def run_fsdp(results: Path) -> dict[str, Any]:
-    """FSDP across 2 GPUs: trains, evaluates and writes its gathered checkpoint."""
+    """FSDP across 2 GPUs (NCCL): trains and writes sharded checkpoints, resumes from them, consolidates."""
     import torch
 
     if torch.cuda.device_count() < 2:
@@ -212,13 +213,20 @@ def run_fsdp(results: Path) -> dict[str, Any]:
         return {"skipped": "one GPU", "passed": True}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-        "config/train_shakespeare_char.py", "--fsdp=True", "--max_iters=100", "--eval_interval=50",
-        "--out_dir=out-fsdp",
+        "config/train_shakespeare_char.py", "--fsdp=True", "--eval_interval=50", "--out_dir=out-fsdp",
     ]  # fmt: skip
     shutil.rmtree(REPO / "out-fsdp", ignore_errors=True)
-    r = run_logged("fsdp", cmd, results, LIMITS["fsdp"])
-    log = (results / "fsdp.log").read_text()
-    r["passed"] = r["returncode"] == 0 and "done: final val loss" in log and (REPO / "out-fsdp" / "ckpt.pt").is_file()
+    r = run_logged("fsdp", [*cmd, "--max_iters=100"], results, LIMITS["fsdp"])
+    resumed = run_logged("fsdp_resume", [*cmd, "--max_iters=150", "--init_from=resume"], results, LIMITS["fsdp"])
+    logs = [(results / f"{name}.log").read_text() for name in ("fsdp", "fsdp_resume")]
+    r["resume_returncode"] = resumed["returncode"]
+    r["passed"] = (
+        r["returncode"] == resumed["returncode"] == 0
+        and all("done: final val loss" in log and "consolidated the sharded checkpoint" in log for log in logs)
+        and "resuming from" in logs[1]
+        and "ckpt.dcp" in logs[1]
+        and (REPO / "out-fsdp" / "ckpt.pt").is_file()
+    )
     return r
 
 
