@@ -270,8 +270,8 @@ def tokenizer_from_checkpoint(ckpt: dict[str, Any]) -> Tokenizer:
 
 def load_model_checkpoint(out_dir: str | Path, name: str | None = None) -> tuple[Path, dict[str, Any]]:
     """The checkpoint to sample, evaluate or export, and where it came from: `name` in out_dir when given;
-    else ckpt.pt, unless an --fsdp run's sharded checkpoint is further along (a run stopped before its end
-    consolidated it) or ckpt.pt is missing, in which case the shards, else interrupt.pt."""
+    otherwise the further along of ckpt.pt and an --fsdp run's sharded checkpoint (ckpt.pt on a tie: the
+    consolidated shards), or interrupt.pt when there is neither."""
     out_dir = Path(out_dir)
     path = out_dir / (name or CKPT_NAME)
     if name is not None:

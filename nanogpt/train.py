@@ -35,6 +35,7 @@ from nanogpt.atomic import remove_stale_temp_files
 from nanogpt.checkpoint import (
     CKPT_NAME,
     INTERRUPT_NAME,
+    MANIFEST_NAME,
     SHARDED_NAME,
     consolidate,
     empty_model,
@@ -150,6 +151,11 @@ class TrainOptions:
         False,
         "under torchrun: shard weights, gradients and optimizer state over the processes (FSDP2, fully_shard) "
         "instead of replicating them (DDP)",
+    )
+    consolidate: bool = option(
+        True,
+        "--fsdp: when the run ends, also write its last sharded checkpoint as one ckpt.pt (one process then holds "
+        "the whole model and AdamW state in CPU memory, 16 bytes per parameter; `nanogpt consolidate` does it later)",
     )
     activation_checkpointing: bool = option(
         False, "recompute each block's activations during backward instead of keeping them: less memory, more compute"
@@ -375,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise out_of_memory(at.device, TRAIN_ADVICE) from None
     finally:
         end_processes(at)
-    if o.fsdp and at.master and not o.eval_only and read_manifest(o.out_dir) is not None:
+    if o.fsdp and o.consolidate and at.master and not o.eval_only and read_manifest(o.out_dir) is not None:
         # the run is over: its last sharded checkpoint as one file, for sample.py, eval and export
         print(f"consolidated the sharded checkpoint into {consolidate(o.out_dir)}")
 
@@ -599,7 +605,7 @@ def prepare_out_dir(name: str) -> Path:
         raise UserError(f"cannot create --out_dir={out_dir} ({e.strerror}). Choose a writable folder.") from None
     if not os.access(out_dir, os.W_OK):
         raise UserError(f"--out_dir={out_dir} is not writable. Choose a folder you can write to.")
-    for name in (CKPT_NAME, INTERRUPT_NAME, METRICS_NAME, "loss.png"):
+    for name in (CKPT_NAME, INTERRUPT_NAME, METRICS_NAME, "loss.png", f"{SHARDED_NAME}/{MANIFEST_NAME}"):
         remove_stale_temp_files(out_dir / name)  # left by a run killed while saving
     return out_dir
 

@@ -4,7 +4,9 @@
 
 Each configuration trains 2 iterations of batch 1 x 64 tokens on the CPU (float32, AdamW), on generated
 characters, and reports the peak resident memory of its largest process (getrusage of the finished
-children: torchrun's workers included). Weights, gradients and AdamW's two moments take 16 bytes per
+children: torchrun's workers included). The last two: FSDP writing a sharded checkpoint at iteration 2
+(with --consolidate=False), then `nanogpt consolidate` of that checkpoint, which is what a run with
+--consolidate=True does in rank 0's process when it ends. Weights, gradients and AdamW's two moments take 16 bytes per
 parameter; DDP keeps all of them on every process, FSDP a 1/N shard of each.
 """
 
@@ -63,6 +65,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"DDP, {n} processes": [*torchrun, *train, f"--gradient_accumulation_steps={n}", "--out_dir=ddp"],
             f"FSDP, {n} processes": [*torchrun, *train, f"--gradient_accumulation_steps={n}", "--out_dir=fsdp", "--fsdp=True"],
         }  # fmt: skip
+        # a sharded checkpoint at iteration 2, every process writing its shards; then consolidating it, alone
+        saving = [*runs[f"FSDP, {n} processes"][:-2], "--out_dir=saving", "--fsdp=True", "--eval_interval=2"]
+        runs[f"FSDP, {n} processes, saving a sharded checkpoint"] = [*saving, "--consolidate=False"]
+        runs["nanogpt consolidate of it, 1 process"] = [sys.executable, "-m", "nanogpt", "consolidate", "--out_dir=saving"]  # fmt: skip
         for name, cmd in runs.items():
             results[name] = peak_mib(cmd, tmp)
             print(f"{name}: peak {results[name]:,.0f} MiB per process", flush=True)
