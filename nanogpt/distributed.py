@@ -33,6 +33,7 @@ class Place:
     grad_accum: int = 1  # micro-batches per optimizer step on this rank
     fsdp: bool = False  # the model is sharded over the ranks (FSDP2) rather than replicated (DDP)
     torchrun: bool = False  # started by torchrun: a process group is up (even for one process)
+    cpu_group: Any = None  # a gloo group over the same processes, for small flags that need no GPU sync
 
     @property
     def master(self) -> bool:  # rank 0 prints, logs and writes checkpoints
@@ -60,8 +61,10 @@ def start_processes(device: str, backend: str, gradient_accumulation_steps: int,
             f"--gradient_accumulation_steps={gradient_accumulation_steps} must be divisible by the number of "
             f"processes ({world}): the micro-batches are shared among them."
         )
-    dist.init_process_group(backend=backend if backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo"))
-    return Place(device, rank, world, gradient_accumulation_steps // world, fsdp, torchrun=True)
+    backend = backend if backend != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
+    dist.init_process_group(backend=backend)
+    cpu_group = None if backend == "gloo" else dist.new_group(backend="gloo")  # None: the default group
+    return Place(device, rank, world, gradient_accumulation_steps // world, fsdp, torchrun=True, cpu_group=cpu_group)
 
 
 def end_processes(at: Place) -> None:
@@ -154,7 +157,7 @@ def rng_to_restore(ckpt: dict[str, Any], at: Place) -> dict[str, Any] | None:
     if ranks and len(ranks) == at.world:
         return ranks[at.rank]
     if at.master:
-        held = f"{len(ranks)} processes" if ranks else "one process (one was training, or it is an interrupt.pt)"
+        held = f"{len(ranks)} processes" if ranks else "one process"
         print(
             f"warning: the checkpoint holds the random states of {held}, and this run has {at.world}; each "
             "process's random streams start afresh, so the resumed run is correct but not bit-identical.",

@@ -299,16 +299,31 @@ def estimate_loss(model, batches: TokenBatches, o: TrainOptions, device: str, ct
 
 class StopRequest:
     """Turns the first Ctrl-C or SIGTERM into a flag checked between iterations, so the run can save
-    a clean checkpoint; a second Ctrl-C interrupts immediately."""
+    a clean checkpoint; a second Ctrl-C interrupts immediately, except under torchrun, which passes a
+    terminal's Ctrl-C on to processes that got it already (and kills them itself if they take too long)."""
 
-    def __init__(self) -> None:
+    def __init__(self, at: Place) -> None:
+        self.at = at
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.signal_name is not None and signum == signal.SIGINT:
+        if self.signal_name is not None and signum == signal.SIGINT and not self.at.torchrun:
             raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+
+    def agreed(self) -> str | None:
+        """The signal that stops the run, the same on every process. A signal reaches torchrun's processes
+        at slightly different moments, so they share what they got after each iteration (one small
+        all-reduce, on the CPU) and all stop after the same one, where they can save together."""
+        if self.at.world == 1:
+            return self.signal_name
+        import torch.distributed as dist
+
+        names = ("SIGINT", "SIGTERM")
+        got = torch.tensor([names.index(self.signal_name) + 1 if self.signal_name else 0])
+        dist.all_reduce(got, op=dist.ReduceOp.MAX, group=self.at.cpu_group)
+        return names[int(got) - 1] if int(got) else None
 
     def __enter__(self) -> StopRequest:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -329,14 +344,14 @@ def resume_command(argv: Sequence[str]) -> str:
 # ----------------------------------------------------------------------------- the run
 
 
-def build_model(o: TrainOptions, explicit: set[str], meta: dict, fsdp: bool = False) -> tuple[GPT, dict | None]:
+def build_model(o: TrainOptions, explicit: set[str], meta: dict, at: Place) -> tuple[GPT, dict | None]:
     """The model to train and, when resuming, the checkpoint it came from. With fsdp, a sharded checkpoint's
     weights stay on disk until the model is sharded (TrainState.restore loads them)."""
     if o.init_from == "scratch":
         vocab_size = meta["vocab_size"] or 50304  # GPT-2's 50257 padded up to a multiple of 64
         return GPT(o.model_config(vocab_size)), None
     if o.init_from == "resume":
-        path, ckpt = load_resume_checkpoint(o.out_dir, sharded=fsdp)
+        path, ckpt = load_resume_checkpoint(o.out_dir, sharded=at.fsdp)
         saved = ckpt["model_args"]
         clash = [
             f"{k}: checkpoint {saved[k]!r}, requested {getattr(o, k)!r}"
@@ -348,7 +363,8 @@ def build_model(o: TrainOptions, explicit: set[str], meta: dict, fsdp: bool = Fa
                 f"cannot resume from {path}: its model has a different shape than requested ({'; '.join(clash)}). "
                 "Drop those options to resume as saved, or use a new --out_dir to start a new run."
             )
-        print(f"resuming from {path} at iteration {ckpt['iter_num']}")
+        if at.master:
+            print(f"resuming from {path} at iteration {ckpt['iter_num']}")
         if "shards" in ckpt:
             return empty_model(ckpt, dropout=o.dropout), ckpt
         return model_from_checkpoint(ckpt, dropout=o.dropout), ckpt
@@ -424,7 +440,7 @@ def train(o: TrainOptions, explicit: set[str], argv: list[str], at: Place, start
         metrics = MetricsWriter(out_dir, resume_iter, eval_done=skip_eval_at is not None)
     out_of_time = reached_target = False
     with (
-        StopRequest() as stop,
+        StopRequest(at) as stop,
         TrainLog(o, state.iter_num, at.master, flops_per_iter / peak, tokens_per_iter, metrics, started) as log,
     ):
         if resumed is not None and resumed["rng"] is not None:
@@ -451,8 +467,9 @@ def train(o: TrainOptions, explicit: set[str], argv: list[str], at: Place, start
             if state.iter_num > o.max_iters:
                 break
             out_of_time = o.max_seconds > 0 and state.train_seconds >= o.max_seconds
-            if stop.signal_name is not None:
-                save_interrupt(state, o, at, out_dir, argv, stop.signal_name, watch, log)
+            signal_name = stop.agreed()
+            if signal_name is not None:
+                save_interrupt(state, o, at, out_dir, argv, signal_name, watch, log)
         watch.check()  # the last iterations may not have been logged
         if at.master and not o.eval_only:
             log.write(log.closing_line(state))
@@ -544,7 +561,7 @@ def setup(o: TrainOptions, explicit: set[str], at: Place, dtype: str) -> tuple[T
     meta = read_meta(o.resolved_data_dir)
     if at.fsdp:  # every rank keeps a shard of its own initialisation: they must all draw the same one
         torch.manual_seed(o.seed)  # (DDP instead broadcasts rank 0's weights)
-    model, ckpt = build_model(o, explicit, meta, at.fsdp)
+    model, ckpt = build_model(o, explicit, meta, at)
     if at.fsdp:
         torch.manual_seed(o.seed + at.rank)
     if ckpt is None and o.init_from == "scratch" and at.master:
@@ -702,21 +719,20 @@ def evaluate_and_checkpoint(
 def save_interrupt(
     state: TrainState, o: TrainOptions, at: Place, out_dir: Path, argv, signal_name: str, watch, log
 ) -> None:
-    """Ctrl-C or SIGTERM between iterations: save interrupt.pt, say how to resume, exit 130 or 143."""
+    """Ctrl-C or SIGTERM between iterations (every process at the same one): save interrupt.pt, or with
+    --fsdp a sharded checkpoint, with every process's random states; say how to resume; exit 130 or 143."""
     watch.check()  # never save a diverged model
-    if at.fsdp:  # gathering the shards needs every rank at the same iteration, which a signal does not ensure
+    rank_rngs = gather_rng_states(rng_state(state.data_gens), at)  # every rank takes part
+    if at.fsdp:  # every rank writes its shards
+        saved = save_sharded(out_dir, state.model, state.optimizers[0], state.progress(o, "interrupt", rank_rngs))
+    else:
+        saved = out_dir / INTERRUPT_NAME
         if at.master:
-            print(
-                f"\nstopped by {signal_name} at iteration {state.iter_num}; --fsdp runs save at evaluations only, so "
-                f"resume from {out_dir / SHARDED_NAME} with: {resume_command(argv)}",
-                file=sys.stderr,
-            )
-        raise SystemExit(130 if signal_name == "SIGINT" else 143)
+            save_checkpoint(saved, state.checkpoint(o, "interrupt", rank_rngs))
     if at.master:
-        save_checkpoint(out_dir / INTERRUPT_NAME, state.checkpoint(o, "interrupt"))
         log.close()
         print(
-            f"\nstopped by {signal_name} at iteration {state.iter_num}; saved {out_dir / INTERRUPT_NAME}.\n"
+            f"\nstopped by {signal_name} at iteration {state.iter_num}; saved {saved}.\n"
             f"resume with: {resume_command(argv)}",
             file=sys.stderr,
         )

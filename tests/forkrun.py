@@ -314,3 +314,22 @@ def assert_user_error(result: Result, *fragments: str) -> None:
     message = " ".join(result.stderr.split())
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+def signal_at_line(args: Sequence[str | os.PathLike], cwd: Path, prefix: str, sig: int, timeout: float = 240) -> Result:
+    """Run `python *args` (popen_script) and send `sig` to it as soon as it prints a line starting with
+    `prefix` (torchrun passes SIGTERM on to its workers); returns the finished run."""
+    proc = popen_script(*args, cwd=cwd)
+    deadline = time.time() + timeout
+    out = []
+    assert proc.stdout is not None
+    for line in proc.stdout:  # the workers' output comes unbuffered (torchrun runs them with python -u)
+        out.append(line)
+        if line.startswith(prefix):
+            proc.send_signal(sig)
+            break
+        if time.time() > deadline:
+            proc.kill()
+            break
+    rest, err = proc.communicate(timeout=max(1.0, deadline - time.time()))
+    return Result(proc.returncode, "".join(out) + rest, err)

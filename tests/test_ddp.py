@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import signal
 
+import forkrun as fr
 import pytest
 import torch
 import torch.distributed
@@ -184,33 +186,32 @@ def test_accumulation_steps_must_divide_among_the_processes(
     assert not (tmp_path / "out").exists()
 
 
-def test_ddp_resume_at_the_same_world_size_is_bit_identical(
+def test_ddp_stopped_by_sigterm_resumes_bit_identically(
     run_script, repo_root, tiny_checkpoint, tiny_model_args, tmp_path
 ):
-    """Two processes, 8 iterations straight, against 4 and a resume to 8: each rank gets its own random
-    streams back (rng_ranks), so the weights and every logged loss are bit for bit the same."""
+    """Two processes, 24 iterations straight, against a run that torchrun stops with SIGTERM mid-run and a
+    resume: the processes agree on where to stop, interrupt.pt holds each rank's random streams
+    (rng_ranks), so the weights and every logged loss are bit for bit the same, dropout included."""
     data_dir = tiny_checkpoint.parent / "data"
     args = [a for a in tiny_model_args if not a.startswith(("--gradient_accumulation_steps", "--dropout"))]
     args += ["--gradient_accumulation_steps=2", f"--data_dir={data_dir}", "--eval_interval=4", "--warmup_iters=0"]
-    args += ["--dropout=0.1", "--learning_rate=1e-2"]  # dropout draws from each rank's own generator
+    args += ["--dropout=0.1", "--learning_rate=1e-2", "--max_iters=24"]  # dropout: each rank's own generator
+    command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", repo_root / "train.py", *args]
 
-    def torchrun(out: str, *extra: str):
-        proc = run_script(
-            "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", repo_root / "train.py",
-            *args, f"--out_dir={tmp_path / out}", *extra, timeout=240,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-        return proc
-
-    straight = torchrun("straight", "--max_iters=8")
-    torchrun("resumed", "--max_iters=4")
-    ckpt = load_checkpoint(tmp_path / "resumed" / "ckpt.pt")
+    straight = run_script(*command, f"--out_dir={tmp_path / 'straight'}", timeout=240)
+    assert straight.returncode == 0, straight.stderr
+    out = tmp_path / "stopped"
+    stopped = fr.signal_at_line([*command, f"--out_dir={out}"], tmp_path, "iter 5:", signal.SIGTERM)
+    stop = re.search(r"stopped by SIGTERM at iteration (\d+); saved (\S+)\.", stopped.stderr)
+    assert stopped.returncode != 0 and stop and stop[2] == str(out / "interrupt.pt"), stopped.stderr
+    ckpt = load_checkpoint(out / "interrupt.pt")
+    assert ckpt["iter_num"] == int(stop[1]) > 5
     assert len(ckpt["rng_ranks"]) == 2 and ckpt["rng"]["data"][0].equal(ckpt["rng_ranks"][0]["data"][0])
     assert not ckpt["rng_ranks"][0]["data"][0].equal(ckpt["rng_ranks"][1]["data"][0])
-    resumed = torchrun("resumed", "--max_iters=8", "--init_from=resume")
-    assert "not bit-identical" not in resumed.stderr
+    resumed = run_script(*command, f"--out_dir={out}", "--init_from=resume", timeout=240)
+    assert resumed.returncode == 0 and "not bit-identical" not in resumed.stderr, resumed.stderr
     a = load_checkpoint(tmp_path / "straight" / "ckpt.pt")["model"]
-    b = load_checkpoint(tmp_path / "resumed" / "ckpt.pt")["model"]
+    b = load_checkpoint(out / "ckpt.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    losses = lambda out: re.findall(r"^iter ([4-8]): loss ([\d.]+)", out, re.M)  # noqa: E731
-    assert losses(resumed.stdout) == losses(straight.stdout) and len(losses(straight.stdout)) == 5
+    losses = lambda run: dict(re.findall(r"^iter (\d+): loss ([\d.]+)", run.stdout, re.M))  # noqa: E731
+    assert losses(resumed) == {i: v for i, v in losses(straight).items() if int(i) >= ckpt["iter_num"]}

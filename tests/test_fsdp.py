@@ -52,11 +52,11 @@ def torchrun_command(args: list[str], out: Path, *extra: str, nproc: int = 2) ->
 
 
 def torchrun(args: list[str], out: Path, *extra: str, nproc: int = 2) -> str:
-    """A finished torchrun of train.py; returns its stdout."""
+    """A finished torchrun of train.py; returns its output, stdout then stderr (where warnings go)."""
     proc = fr.run_script(*torchrun_command(args, out, *extra, nproc=nproc), cwd=out.parent, timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
-    return proc.stdout
+    return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -149,12 +149,30 @@ def test_one_rank_killed_mid_run_resumes_bit_identically(straight, args, tmp_pat
 
     resumed = torchrun(args, out, "--max_iters=12", "--fsdp=True", "--init_from=resume")
     assert f"resuming from {out / SHARDED_NAME}" in resumed and "not bit-identical" not in resumed
+    assert resumed.count("resuming from") == 1  # rank 0 alone says so
     assert losses(resumed) == {i: v for i, v in losses(straight[1]).items() if i >= saved}
     a = load_checkpoint(straight[0] / "ckpt.pt")
     b = load_checkpoint(out / "ckpt.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     for i, state in a["optimizer"]["state"].items():  # AdamW's moments too
         assert all(torch.equal(v, b["optimizer"]["state"][i][k]) for k, v in state.items())
+
+
+def test_sigterm_saves_a_sharded_checkpoint_that_resumes_bit_identically(straight, args, tmp_path):
+    """torchrun passes SIGTERM on to both processes, which agree on the iteration to stop after and write
+    a sharded checkpoint together, every rank's random streams in it."""
+    out = tmp_path / "stopped"
+    command = torchrun_command(args, out, "--max_iters=12", "--fsdp=True")
+    stopped = fr.signal_at_line(command, tmp_path, "iter 5:", signal.SIGTERM)
+    stop = re.search(r"stopped by SIGTERM at iteration (\d+); saved (\S+)\.", stopped.stderr)
+    assert stopped.returncode != 0 and stop and stop[2].startswith(str(out / SHARDED_NAME)), stopped.stderr
+    saved = int(stop[1])
+    assert json.loads((out / SHARDED_NAME / MANIFEST_NAME).read_text())["iter_num"] == saved > 5
+    resumed = torchrun(args, out, "--max_iters=12", "--fsdp=True", "--init_from=resume")
+    assert f"at iteration {saved}" in resumed and "not bit-identical" not in resumed
+    assert losses(resumed) == {i: v for i, v in losses(straight[1]).items() if i >= saved}
+    a, b = load_checkpoint(straight[0] / "ckpt.pt")["model"], load_checkpoint(out / "ckpt.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_one_process_resumes_evaluates_samples_and_consolidates_the_shards_of_two(
@@ -274,6 +292,7 @@ def test_fsdp_needs_torchrun(tmp_path):
         main(["--fsdp=True", f"--out_dir={tmp_path}"])
 
 
+@pytest.mark.slow  # 5 fresh interpreters, 3 of them torchrun: ~45 s for a measurement script
 def test_memory_script_measures_every_configuration():
     """scripts/fsdp_memory.py (the figures in docs/performance.md), on a tiny shape."""
     import sys
