@@ -59,7 +59,7 @@ from nanogpt.tokenizer import GPT2Tokenizer, Tokenizer, tokenizer_from_spec
 FORMAT_VERSION = 1
 CKPT_NAME = "ckpt.pt"  # saved at evaluations: the best val loss so far (or the latest, always_save_checkpoint)
 INTERRUPT_NAME = "interrupt.pt"  # saved when training is stopped by Ctrl-C or SIGTERM
-SHARDED_NAME = "ckpt.dcp"  # --fsdp runs' evaluation checkpoints: a folder of shards (see above)
+SHARDED_NAME = "ckpt.dcp"  # --fsdp runs' checkpoints (evaluations and interrupts): a folder of shards (see above)
 MANIFEST_NAME = "latest.json"  # in SHARDED_NAME: which save is complete, and its files' CRC-32s
 STATE_NAME = "state.pt"  # in a sharded save: everything but the weights and the optimizer state
 

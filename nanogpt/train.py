@@ -5,9 +5,9 @@
 
 Defaults train GPT-2 124M on OpenWebText, as nanoGPT does. A config file (Python assignment
 syntax, parsed not executed) and --key=value options override them, in the order given.
-Checkpoints go to <out_dir>/ckpt.pt (with --fsdp=True: sharded, to <out_dir>/ckpt.dcp, and
-consolidated into ckpt.pt at the end); Ctrl-C or SIGTERM saves <out_dir>/interrupt.pt; resume
-from any of them with --init_from=resume.
+Checkpoints go to <out_dir>/ckpt.pt; Ctrl-C or SIGTERM saves <out_dir>/interrupt.pt. With
+--fsdp=True both are sharded, into <out_dir>/ckpt.dcp, consolidated into ckpt.pt when the run ends.
+Resume from any of them with --init_from=resume.
 """
 
 from __future__ import annotations
@@ -490,7 +490,7 @@ class TrainState:
     iter_num: int = 0
     best_val_loss: float = 1e9
     train_seconds: float = 0.0  # evaluations excluded: what --max_seconds budgets
-    fsdp: bool = False  # the model's parameters are shards (DTensors): its state is gathered to save it
+    fsdp: bool = False  # the model's parameters are shards (DTensors): checkpoints are sharded too
 
     def checkpoint(self, o: TrainOptions, reason: str, rank_rngs: list[dict] | None = None) -> dict[str, Any]:
         """The whole checkpoint of an unsharded model. rank_rngs: every process's random states
@@ -532,7 +532,8 @@ class TrainState:
                 f"the checkpoint was trained with --optimizer={was}; resume with the same optimizer (its state "
                 "cannot be carried over to another one)."
             )
-        # by parameter name (FSDP runs of nanogpt 0.x wrote it so): what set_optimizer_state_dict reads
+        # keyed by parameter name (as the single-file --fsdp checkpoints of nanogpt 0.1.0 were): what
+        # set_optimizer_state_dict reads
         by_name = ckpt.get("optimizer_format") == "fqn"
         if saved and (self.fsdp or by_name):  # one whole state, sharded as it loads
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

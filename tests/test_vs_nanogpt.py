@@ -80,6 +80,7 @@ def snapshot(*folders: Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for d in folders for p in d.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow  # two trees' training runs in fresh interpreters: ~27 s for a measurement script
 def test_end_to_end_against_nanogpt(tmp_path):
     for path in (NANOGPT, vs_nanogpt.DEFAULT_INPUT):
         if not path.exists():
