@@ -27,6 +27,7 @@ process writes its own shards, nothing is gathered in one place. Layout and cras
     ckpt.dcp/latest.json          the complete checkpoint: its folder, iteration, and every file's CRC-32
     ckpt.dcp/iter-0000500-1a2b/   one save: DCP's .metadata and __<rank>_<n>.distcp shards, and state.pt
                                   (everything above but "model" and "optimizer")
+    interrupt.dcp/                the same, saved on Ctrl-C or SIGTERM (interrupt.pt's counterpart)
 
 Each save goes to a new folder; latest.json is replaced atomically once the folder is complete, and only
 then are older folders removed. So a crash at any moment leaves latest.json naming a complete checkpoint.
@@ -59,7 +60,8 @@ from nanogpt.tokenizer import GPT2Tokenizer, Tokenizer, tokenizer_from_spec
 FORMAT_VERSION = 1
 CKPT_NAME = "ckpt.pt"  # saved at evaluations: the best val loss so far (or the latest, always_save_checkpoint)
 INTERRUPT_NAME = "interrupt.pt"  # saved when training is stopped by Ctrl-C or SIGTERM
-SHARDED_NAME = "ckpt.dcp"  # --fsdp runs' checkpoints (evaluations and interrupts): a folder of shards (see above)
+SHARDED_NAME = "ckpt.dcp"  # --fsdp runs' ckpt.pt: a folder of shards (see above)
+INTERRUPT_SHARDED_NAME = "interrupt.dcp"  # --fsdp runs' interrupt.pt
 MANIFEST_NAME = "latest.json"  # in SHARDED_NAME: which save is complete, and its files' CRC-32s
 STATE_NAME = "state.pt"  # in a sharded save: everything but the weights and the optimizer state
 
@@ -270,25 +272,26 @@ def tokenizer_from_checkpoint(ckpt: dict[str, Any]) -> Tokenizer:
 
 def load_model_checkpoint(out_dir: str | Path, name: str | None = None) -> tuple[Path, dict[str, Any]]:
     """The checkpoint to sample, evaluate or export, and where it came from: `name` in out_dir when given;
-    otherwise the further along of ckpt.pt and an --fsdp run's sharded checkpoint (ckpt.pt on a tie: the
-    consolidated shards), or interrupt.pt when there is neither."""
+    otherwise the further along of ckpt.pt and an --fsdp run's ckpt.dcp (ckpt.pt on a tie: the shards
+    consolidated), or when there is neither, of interrupt.pt and interrupt.dcp."""
     out_dir = Path(out_dir)
-    path = out_dir / (name or CKPT_NAME)
     if name is not None:
-        return path, load_checkpoint(path)
-    ckpt = load_checkpoint(path) if path.exists() else None
-    sharded = read_manifest(out_dir)
-    if sharded is not None and (ckpt is None or sharded[1]["iter_num"] > ckpt.get("iter_num", 0)):
-        return sharded[0], load_sharded(out_dir)
-    if ckpt is None and (out_dir / INTERRUPT_NAME).exists():
-        path = out_dir / INTERRUPT_NAME
-    return path, ckpt if ckpt is not None else load_checkpoint(path)
+        return out_dir / name, load_checkpoint(out_dir / name)
+    for file, shards in ((CKPT_NAME, SHARDED_NAME), (INTERRUPT_NAME, INTERRUPT_SHARDED_NAME)):
+        ckpt = load_checkpoint(out_dir / file) if (out_dir / file).exists() else None
+        sharded = read_manifest(out_dir / shards)
+        if sharded is not None and (ckpt is None or sharded[1]["iter_num"] > ckpt.get("iter_num", 0)):
+            return sharded[0], load_sharded(out_dir / shards)
+        if ckpt is not None:
+            return out_dir / file, ckpt
+    return out_dir / CKPT_NAME, load_checkpoint(out_dir / CKPT_NAME)  # raises the message for a missing one
 
 
 def load_resume_checkpoint(out_dir: str | Path, sharded: bool = False) -> tuple[Path, dict[str, Any]]:
-    """The checkpoint to resume from: ckpt.pt, interrupt.pt or the sharded one, whichever is further along.
-    sharded=True (an --fsdp run, which loads shards where they belong) leaves a sharded checkpoint's weights
-    and optimizer state on disk: the dict then has "shards", its folder, instead of "model" and "optimizer"."""
+    """The checkpoint to resume from, whichever is further along: ckpt.pt, interrupt.pt, or the sharded
+    ckpt.dcp or interrupt.dcp. sharded=True (an --fsdp run, which loads shards where they belong) leaves a
+    sharded checkpoint's weights and optimizer state on disk: the dict then has "shards", its folder,
+    instead of "model" and "optimizer"."""
     out_dir = Path(out_dir)
     found, damaged = [], []
     for name in (CKPT_NAME, INTERRUPT_NAME):
@@ -298,13 +301,15 @@ def load_resume_checkpoint(out_dir: str | Path, sharded: bool = False) -> tuple[
                 found.append((path, load_checkpoint(path)))
             except UserError as e:
                 damaged.append((path, e))
-    manifest = read_manifest(out_dir)
-    if manifest is not None:
+    for name in (SHARDED_NAME, INTERRUPT_SHARDED_NAME):
+        manifest = read_manifest(out_dir / name)
+        if manifest is None:
+            continue
         folder, m = manifest
         further = max((c.get("iter_num", 0) for _, c in found), default=-1)
         if m["iter_num"] > further or (m["iter_num"] == further and sharded):  # a tie: the cheaper to load
             try:
-                ckpt = {**load_sharded_state(folder, m), "shards": folder} if sharded else load_sharded(out_dir)
+                ckpt = {**load_sharded_state(folder, m), "shards": folder} if sharded else load_sharded(folder.parent)
                 found = [(folder, ckpt)]
             except UserError as e:
                 damaged.append((folder, e))
@@ -328,16 +333,15 @@ def file_crc32(path: Path) -> int:
     return crc
 
 
-def save_sharded(out_dir: str | Path, model: torch.nn.Module, optimizer, meta: dict[str, Any]) -> Path:
-    """Write a sharded checkpoint of a model sharded with FSDP and its optimizer: a collective, every
-    process calls it and writes its own shards. meta: the rest of the checkpoint (progress, options,
-    random states), written by rank 0. Returns the new save's folder."""
+def save_sharded(root: Path, model: torch.nn.Module, optimizer, meta: dict[str, Any]) -> Path:
+    """Write a sharded checkpoint of a model sharded with FSDP and its optimizer into root (out_dir/ckpt.dcp
+    or interrupt.dcp): a collective, every process calls it and writes its own shards. meta: the rest of
+    the checkpoint (progress, options, random states), written by rank 0. Returns the new save's folder."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    root = Path(out_dir) / SHARDED_NAME
     model_sd, optim_sd = get_state_dict(model, optimizer)
     local = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in model_sd.items()}
     bad = nonfinite_weights(local)
@@ -374,9 +378,10 @@ def save_sharded(out_dir: str | Path, model: torch.nn.Module, optimizer, meta: d
     return folder
 
 
-def read_manifest(out_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """The complete sharded checkpoint in out_dir (its folder and manifest), or None when there is none."""
-    path = Path(out_dir) / SHARDED_NAME / MANIFEST_NAME
+def read_manifest(root: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The complete sharded checkpoint in root (out_dir/ckpt.dcp or interrupt.dcp): its folder and
+    manifest, or None when there is none."""
+    path = root / MANIFEST_NAME
     if not path.is_file():
         return None
     try:
@@ -435,17 +440,15 @@ def load_shards_into(folder: Path, model: torch.nn.Module, optimizer, no_dist: b
     set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd)
 
 
-def load_sharded(out_dir: str | Path) -> dict[str, Any]:
-    """The sharded checkpoint in out_dir read into this process as an ordinary checkpoint dict (what
-    load_checkpoint returns, AdamW state included): every file checked against its CRC-32 first."""
+def load_sharded(root: Path) -> dict[str, Any]:
+    """The sharded checkpoint in root (out_dir/ckpt.dcp or interrupt.dcp) read into this process as an
+    ordinary checkpoint dict (what load_checkpoint returns, AdamW state included): every file checked
+    against its CRC-32 first."""
     from nanogpt.optim import build_optimizers
 
-    manifest = read_manifest(out_dir)
+    manifest = read_manifest(root)
     if manifest is None:
-        raise UserError(
-            f"no sharded checkpoint in {out_dir} ({Path(out_dir) / SHARDED_NAME / MANIFEST_NAME} is missing); "
-            "only runs with --fsdp=True write one."
-        )
+        raise UserError(f"no sharded checkpoint in {root} ({MANIFEST_NAME} is missing).")
     folder, m = manifest
     problems = damaged_shards(folder, m)
     if problems:
@@ -460,12 +463,21 @@ def load_sharded(out_dir: str | Path) -> dict[str, Any]:
     return {**ckpt, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
 
 
-def consolidate(out_dir: str | Path) -> Path:
-    """Write out_dir's sharded checkpoint as one ckpt.pt (atomically), for tools that read single files."""
-    ckpt = load_sharded(out_dir)
-    path = Path(out_dir) / CKPT_NAME
-    save_checkpoint(path, ckpt)
-    return path
+def consolidate(out_dir: str | Path, names: tuple[str, ...] = (SHARDED_NAME, INTERRUPT_SHARDED_NAME)) -> list[Path]:
+    """Write out_dir's sharded checkpoints as single files (atomically), for tools that read those:
+    ckpt.dcp as ckpt.pt, interrupt.dcp as interrupt.pt. Returns the files written."""
+    out_dir = Path(out_dir)
+    written = []
+    for shards, file in ((SHARDED_NAME, CKPT_NAME), (INTERRUPT_SHARDED_NAME, INTERRUPT_NAME)):
+        if shards in names and read_manifest(out_dir / shards) is not None:
+            save_checkpoint(out_dir / file, load_sharded(out_dir / shards))
+            written.append(out_dir / file)
+    if not written:
+        raise UserError(
+            f"no sharded checkpoint in {out_dir} (no {' or '.join(f'{n}/{MANIFEST_NAME}' for n in names)}); only "
+            "runs with --fsdp=True write one."
+        )
+    return written
 
 
 def load_inference_model(init_from: str, out_dir: str | Path) -> tuple[GPT, Tokenizer, str, dict[str, Any]]:

@@ -23,7 +23,7 @@ COMMANDS = {
     "eval": ("nanogpt.evaluate", "loss, perplexity and bits per character/byte of a model on a text"),
     "plot": ("nanogpt.plot", "loss curves of one or several runs as a PNG"),
     "serve": ("nanogpt.serve", "a playground page and an OpenAI-compatible API for a model"),
-    "consolidate": ("nanogpt.consolidate", "write an --fsdp run's sharded checkpoint as one ckpt.pt"),
+    "consolidate": ("nanogpt.consolidate", "write an --fsdp run's sharded checkpoints as ckpt.pt / interrupt.pt"),
     "export": ("nanogpt.export", "write a checkpoint as a Hugging Face GPT-2 folder"),
     "openwebtext": ("nanogpt.openwebtext", "download and tokenize OpenWebText with Hugging Face datasets"),
 }

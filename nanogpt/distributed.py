@@ -120,7 +120,7 @@ def load_checked_shards(folder: Path, model: torch.nn.Module, optimizer, at: Pla
     each, and load nothing unless all are whole (a collective)."""
     import torch.distributed as dist
 
-    found = read_manifest(folder.parent.parent)  # out_dir/ckpt.dcp/<save>
+    found = read_manifest(folder.parent)  # out_dir/ckpt.dcp/<save>
     if found is None or found[0] != folder:
         raise UserError(f"{folder} was replaced while this run started; run the same command again.")
     manifest = found[1]

@@ -6,7 +6,8 @@
 Defaults train GPT-2 124M on OpenWebText, as nanoGPT does. A config file (Python assignment
 syntax, parsed not executed) and --key=value options override them, in the order given.
 Checkpoints go to <out_dir>/ckpt.pt; Ctrl-C or SIGTERM saves <out_dir>/interrupt.pt. With
---fsdp=True both are sharded, into <out_dir>/ckpt.dcp, consolidated into ckpt.pt when the run ends.
+--fsdp=True both are sharded, into ckpt.dcp and interrupt.dcp, and ckpt.dcp is consolidated into
+ckpt.pt when the run ends.
 Resume from any of them with --init_from=resume.
 """
 
@@ -19,6 +20,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -35,6 +37,7 @@ from nanogpt.atomic import remove_stale_temp_files
 from nanogpt.checkpoint import (
     CKPT_NAME,
     INTERRUPT_NAME,
+    INTERRUPT_SHARDED_NAME,
     MANIFEST_NAME,
     SHARDED_NAME,
     consolidate,
@@ -397,9 +400,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise out_of_memory(at.device, TRAIN_ADVICE) from None
     finally:
         end_processes(at)
-    if o.fsdp and o.consolidate and at.master and not o.eval_only and read_manifest(o.out_dir) is not None:
+    if o.fsdp and o.consolidate and at.master and not o.eval_only and read_manifest(Path(o.out_dir) / SHARDED_NAME):
         # the run is over: its last sharded checkpoint as one file, for sample.py, eval and export
-        print(f"consolidated the sharded checkpoint into {consolidate(o.out_dir)}")
+        print(f"consolidated the sharded checkpoint into {consolidate(o.out_dir, (SHARDED_NAME,))[0]}")
 
 
 def train(o: TrainOptions, explicit: set[str], argv: list[str], at: Place, started: float) -> None:
@@ -623,7 +626,8 @@ def prepare_out_dir(name: str) -> Path:
         raise UserError(f"cannot create --out_dir={out_dir} ({e.strerror}). Choose a writable folder.") from None
     if not os.access(out_dir, os.W_OK):
         raise UserError(f"--out_dir={out_dir} is not writable. Choose a folder you can write to.")
-    for name in (CKPT_NAME, INTERRUPT_NAME, METRICS_NAME, "loss.png", f"{SHARDED_NAME}/{MANIFEST_NAME}"):
+    sharded = (f"{SHARDED_NAME}/{MANIFEST_NAME}", f"{INTERRUPT_SHARDED_NAME}/{MANIFEST_NAME}")
+    for name in (CKPT_NAME, INTERRUPT_NAME, METRICS_NAME, "loss.png", *sharded):
         remove_stale_temp_files(out_dir / name)  # left by a run killed while saving
     return out_dir
 
@@ -707,13 +711,14 @@ def evaluate_and_checkpoint(
             if at.fsdp:  # every rank writes its shards
                 if at.master:
                     log.write(f"saving sharded checkpoint to {out_dir / SHARDED_NAME}")
-                save_sharded(out_dir, state.model, state.optimizers[0], state.progress(o, "eval", rank_rngs))
+                progress = state.progress(o, "eval", rank_rngs)
+                save_sharded(out_dir / SHARDED_NAME, state.model, state.optimizers[0], progress)
             elif at.master:
                 log.write(f"saving checkpoint to {out_dir / CKPT_NAME}")
                 save_checkpoint(out_dir / CKPT_NAME, state.checkpoint(o, "eval", rank_rngs))
-                stale = out_dir / INTERRUPT_NAME
-                if stale.exists():
-                    stale.unlink()  # ckpt.pt is now further along
+            if at.master:  # the checkpoint just written is further along
+                (out_dir / INTERRUPT_NAME).unlink(missing_ok=True)
+                shutil.rmtree(out_dir / INTERRUPT_SHARDED_NAME, ignore_errors=True)
     return losses["val"]
 
 
@@ -725,7 +730,8 @@ def save_interrupt(
     watch.check()  # never save a diverged model
     rank_rngs = gather_rng_states(rng_state(state.data_gens), at)  # every rank takes part
     if at.fsdp:  # every rank writes its shards
-        saved = save_sharded(out_dir, state.model, state.optimizers[0], state.progress(o, "interrupt", rank_rngs))
+        progress = state.progress(o, "interrupt", rank_rngs)
+        saved = save_sharded(out_dir / INTERRUPT_SHARDED_NAME, state.model, state.optimizers[0], progress)
     else:
         saved = out_dir / INTERRUPT_NAME
         if at.master:

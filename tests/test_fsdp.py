@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed
 
-from nanogpt.checkpoint import MANIFEST_NAME, SHARDED_NAME, load_checkpoint
+from nanogpt.checkpoint import INTERRUPT_SHARDED_NAME, MANIFEST_NAME, SHARDED_NAME, load_checkpoint
 from nanogpt.errors import UserError
 from nanogpt.train import TrainOptions, check_fsdp_options
 
@@ -160,16 +160,19 @@ def test_one_rank_killed_mid_run_resumes_bit_identically(straight, args, tmp_pat
 
 def test_sigterm_saves_a_sharded_checkpoint_that_resumes_bit_identically(straight, args, tmp_path):
     """torchrun passes SIGTERM on to both processes, which agree on the iteration to stop after and write
-    a sharded checkpoint together, every rank's random streams in it."""
+    interrupt.dcp together, every rank's random streams in it; ckpt.dcp (the evaluations') is left alone."""
     out = tmp_path / "stopped"
     command = torchrun_command(args, out, "--max_iters=12", "--fsdp=True")
     stopped = fr.signal_at_line(command, tmp_path, "iter 5:", signal.SIGTERM)
     stop = re.search(r"stopped by SIGTERM at iteration (\d+); saved (\S+)\.", stopped.stderr)
-    assert stopped.returncode != 0 and stop and stop[2].startswith(str(out / SHARDED_NAME)), stopped.stderr
+    assert stopped.returncode != 0 and stop and stop[2].startswith(str(out / INTERRUPT_SHARDED_NAME)), stopped.stderr
     saved = int(stop[1])
-    assert json.loads((out / SHARDED_NAME / MANIFEST_NAME).read_text())["iter_num"] == saved > 5
+    assert json.loads((out / INTERRUPT_SHARDED_NAME / MANIFEST_NAME).read_text())["iter_num"] == saved > 5
+    assert json.loads((out / SHARDED_NAME / MANIFEST_NAME).read_text())["iter_num"] < saved  # untouched
     resumed = torchrun(args, out, "--max_iters=12", "--fsdp=True", "--init_from=resume")
-    assert f"at iteration {saved}" in resumed and "not bit-identical" not in resumed
+    assert f"resuming from {out / INTERRUPT_SHARDED_NAME}" in resumed and f"at iteration {saved}" in resumed
+    assert "not bit-identical" not in resumed
+    assert not (out / INTERRUPT_SHARDED_NAME).exists()  # a later evaluation's save is further along
     assert losses(resumed) == {i: v for i, v in losses(straight[1]).items() if i >= saved}
     a, b = load_checkpoint(straight[0] / "ckpt.pt")["model"], load_checkpoint(out / "ckpt.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
