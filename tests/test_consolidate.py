@@ -17,4 +17,8 @@ def test_a_folder_without_shards_is_explained(tiny_checkpoint, run_in_process):
 
 def test_help_says_what_it_does(run_in_process):
     code, out, _ = run_in_process(main, ["--help"])
-    assert code == 0 and "sharded checkpoints of an --fsdp run as single files" in " ".join(out.split()) and "--out_dir" in out
+    assert (
+        code == 0
+        and "sharded checkpoints of an --fsdp run as single files" in " ".join(out.split())
+        and "--out_dir" in out
+    )
