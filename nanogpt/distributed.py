@@ -132,11 +132,11 @@ def load_checked_shards(folder: Path, model: torch.nn.Module, optimizer, at: Pla
     load_shards_into(folder, model, optimizer, no_dist=False)
 
 
-def gather_rng_states(state: dict[str, Any], at: Place) -> list[dict[str, Any]] | None:
+def gather_rng_states(state: dict[str, Any], at: Place) -> list[dict[str, Any]]:
     """Every process's random states (rng_state), rank by rank (a collective: all ranks must call it);
-    None alone."""
+    [state] alone."""
     if at.world == 1:
-        return None
+        return [state]
     import torch.distributed as dist
 
     # as torch.save bytes: all_gather_object's own pickling of tensors fails to load back in some versions

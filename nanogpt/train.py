@@ -493,11 +493,10 @@ class TrainState:
     iter_num: int = 0
     best_val_loss: float = 1e9
     train_seconds: float = 0.0  # evaluations excluded: what --max_seconds budgets
-    fsdp: bool = False  # the model's parameters are shards (DTensors): checkpoints are sharded too
 
-    def checkpoint(self, o: TrainOptions, reason: str, rank_rngs: list[dict] | None = None) -> dict[str, Any]:
+    def checkpoint(self, o: TrainOptions, reason: str, rank_rngs: list[dict]) -> dict[str, Any]:
         """The whole checkpoint of an unsharded model. rank_rngs: every process's random states
-        (gather_rng_states), for an exact resume with several processes."""
+        (gather_rng_states), for an exact resume with any number of processes."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizers[0].state_dict(),
@@ -505,7 +504,7 @@ class TrainState:
             **self.progress(o, reason, rank_rngs),
         }
 
-    def progress(self, o: TrainOptions, reason: str, rank_rngs: list[dict] | None = None) -> dict[str, Any]:
+    def progress(self, o: TrainOptions, reason: str, rank_rngs: list[dict]) -> dict[str, Any]:
         """The checkpoint without the weights and optimizer states: what a sharded save keeps in one file."""
         return {
             "model_args": self.model.config.to_dict(),
@@ -515,8 +514,8 @@ class TrainState:
             "iter_num": self.iter_num,
             "best_val_loss": self.best_val_loss,
             "tokenizer": self.tokenizer,
-            "rng": rank_rngs[0] if rank_rngs else rng_state(self.data_gens),
-            **({"rng_ranks": rank_rngs} if rank_rngs and len(rank_rngs) > 1 else {}),
+            "rng": rank_rngs[0],
+            **({"rng_ranks": rank_rngs} if len(rank_rngs) > 1 else {}),
             "reason": reason,
         }
 
@@ -538,7 +537,7 @@ class TrainState:
         # keyed by parameter name (as the single-file --fsdp checkpoints of nanogpt 0.1.0 were): what
         # set_optimizer_state_dict reads
         by_name = ckpt.get("optimizer_format") == "fqn"
-        if saved and (self.fsdp or by_name):  # one whole state, sharded as it loads
+        if saved and (at.fsdp or by_name):  # one whole state, sharded as it loads
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
             state = saved[0] if by_name else optimizer_state_by_name(self.model, self.optimizers[0], saved[0])
@@ -595,7 +594,7 @@ def setup(o: TrainOptions, explicit: set[str], at: Place, dtype: str) -> tuple[T
     optimizers = build_optimizers(
         model, o.optimizer, o.learning_rate, o.weight_decay, (o.beta1, o.beta2), at.device.split(":")[0]
     )
-    state = TrainState(model, optimizers, scaler, tokenizer_spec, data_gens, fsdp=at.fsdp)
+    state = TrainState(model, optimizers, scaler, tokenizer_spec, data_gens)
     if ckpt is None:
         return state, batches, None
     state.restore(ckpt, at)
