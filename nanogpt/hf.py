@@ -50,7 +50,9 @@ HF_BUFFERS = (".attn.bias", ".attn.masked_bias")
 # HF GPT-2 activation names -> ours: the tanh approximation (OpenAI's GPT-2), the exact GELU, ReLU^2
 HF_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu2": "relu2"}
 # our GPTConfig options that HF's GPT-2 has no counterpart for, with the value that means "off"
-NO_HF_COUNTERPART = {"pos_emb": "learned", "norm": "layernorm", "qk_norm": False, "logit_softcap": 0.0}
+NO_HF_COUNTERPART = {
+    "pos_emb": "learned", "norm": "layernorm", "qk_norm": False, "logit_softcap": 0.0, "token_shift": False,
+}  # fmt: skip
 
 CHAR_VOCAB_NAME = "nanogpt_char_vocab.json"  # the character vocabulary of an exported char-level model
 GPT2_TOKENIZER_FILES = (

@@ -51,6 +51,9 @@ class GPTConfig:
     tie_weights: bool = True  # False: an untied output head (modded-nanogpt, nanochat)
     zero_init_proj: bool = False  # zero-initialise the residual output projections (modded-nanogpt)
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap) (Gemma 2); 0 turns it off
+    # add a learned per-channel share of the previous token's embedding to each token's (RWKV's token
+    # shift, Peng et al. 2023; the "smear" of the modded-nanogpt records): local context for free
+    token_shift: bool = False
 
     def __post_init__(self) -> None:
         # the one place a model shape is checked; train.py turns these messages into option errors
@@ -96,6 +99,9 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # the next position to fill
         self.slots = torch.arange(config.block_size, device=device)  # (S,) position of each cache slot
+        # token_shift: the embedding of the last token fed, the previous token of the next one; float32,
+        # the embeddings' own precision under autocast (zeros: the first token has no previous one)
+        self.last_embedding = torch.zeros(batch_size, 1, config.n_embd, device=device)
 
     @property
     def length(self) -> int:
@@ -104,6 +110,7 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos.zero_()
+        self.last_embedding.zero_()
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
@@ -154,6 +161,23 @@ class ReLU2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(x).square()
+
+
+class TokenShift(nn.Module):
+    """x_t + w * x_(t-1) per channel, w learned (initialised to zero: the model starts as without it)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.n_embd))
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.size()
+        # the token before position 0: the last one the cache saw, or none (zeros) without a cache
+        first = cache.last_embedding.to(x.dtype) if cache is not None else x.new_zeros(B, 1, C)
+        previous = torch.cat((first, x[:, :-1]), dim=1)  # (B, T, C)
+        if cache is not None:
+            cache.last_embedding.copy_(x[:, -1:])
+        return x + self.weight * previous
 
 
 class CausalSelfAttention(nn.Module):
@@ -246,6 +270,8 @@ class GPT(nn.Module):
         modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))  # token embedding
         if config.pos_emb == "learned":
             modules["wpe"] = nn.Embedding(config.block_size, config.n_embd)  # learned position embedding
+        if config.token_shift:
+            modules["shift"] = TokenShift(config)
         modules.update(
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
@@ -279,6 +305,8 @@ class GPT(nn.Module):
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        elif isinstance(module, TokenShift):
+            torch.nn.init.zeros_(module.weight)
 
     def get_num_params(self, non_embedding: bool = True) -> int:
         """Number of parameters. Embedding tables (lookups, no matmul) are excluded by default, as is
@@ -309,6 +337,8 @@ class GPT(nn.Module):
             # read the position back from the device at every step
             pos = pos + cache.pos
         x = self.transformer.wte(idx)  # token embeddings (B, T, n_embd)
+        if "shift" in self.transformer:
+            x = self.transformer.shift(x, cache)
         rope = None
         if "wpe" in self.transformer:
             x = x + self.transformer.wpe(pos)  # plus position embeddings (T, n_embd)

@@ -74,7 +74,7 @@ from nanogpt.optim import OPTIMIZERS, SCHEDULES, build_optimizers, get_lr, set_l
 # the GPTConfig fields a resumed run must keep (its weights only fit that model)
 MODEL_SHAPE_KEYS = (
     "n_layer", "n_head", "n_embd", "block_size", "bias",
-    "activation", "pos_emb", "rope_theta", "norm", "qk_norm", "tie_weights", "logit_softcap",
+    "activation", "pos_emb", "rope_theta", "norm", "qk_norm", "tie_weights", "logit_softcap", "token_shift",
 )  # fmt: skip
 MODEL_OPTIONS = (*MODEL_SHAPE_KEYS, "dropout", "zero_init_proj")  # the options that are GPTConfig fields
 
@@ -118,6 +118,7 @@ class TrainOptions:
     tie_weights: bool = option(True, "share the token embedding with the output layer (GPT-2); False unties it")
     zero_init_proj: bool = option(False, "start every block's output projections at zero (modded-nanogpt)")
     logit_softcap: float = option(0.0, "cap the logits smoothly at this value (Gemma 2); 0 turns it off")
+    token_shift: bool = option(False, "add a learned share of the previous token's embedding to each (RWKV)")
     # optimizer
     optimizer: str = option("adamw", "adamw (nanoGPT), or muon: Muon for the blocks' matrices, AdamW for the rest")
     learning_rate: float = option(6e-4, "peak learning rate")

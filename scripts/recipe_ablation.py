@@ -40,6 +40,7 @@ VARIANTS: dict[str, list[str]] = {
     "untied": ["--tie_weights=False"],
     "zero_init_proj": ["--zero_init_proj=True"],
     "logit_softcap": ["--logit_softcap=15"],
+    "token_shift": ["--token_shift=True"],
     "batch32": ["--batch_size=32"],
     # what helped, together: the speedrun configs' choice (config/speedrun_shakespeare_char*.py)
     "recipe": ["--pos_emb=rope", "--qk_norm=True", "--activation=relu2", "--lr_schedule=wsd", "--optimizer=muon"],

@@ -248,7 +248,7 @@ def test_a_damaged_or_missing_shard_is_refused_by_name(straight, args, tmp_path,
 
 MODERN = [  # every architecture option of the speedrun configs and beyond, all at once
     "--pos_emb=rope", "--norm=rmsnorm", "--qk_norm=True", "--activation=relu2", "--tie_weights=False",
-    "--logit_softcap=15", "--zero_init_proj=True",
+    "--logit_softcap=15", "--zero_init_proj=True", "--token_shift=True",
 ]  # fmt: skip
 
 

@@ -524,6 +524,7 @@ def test_untied_head_and_relu2_export_with_logit_parity_and_load_back(tmp_path):
         (dict(norm="rmsnorm"), "norm='rmsnorm'"),
         (dict(qk_norm=True), "qk_norm=True"),
         (dict(logit_softcap=15.0), "logit_softcap=15.0"),
+        (dict(token_shift=True), "token_shift=True"),
     ],
 )
 def test_options_without_a_gpt2_counterpart_are_refused_by_name(tmp_path, options, named):

@@ -26,12 +26,13 @@ def tiny_model(seed: int = 0, **overrides) -> GPT:
 def sharp_model(seed: int = 0, **overrides) -> GPT:
     """A model with large random weights: attention patterns and next-token distributions are far from
     uniform, so a mistake in what a position attends to changes the generated tokens (a freshly
-    initialised GPT is nearly position-blind and would hide it)."""
+    initialised GPT is nearly position-blind and would hide it). The token shift's weights too: they
+    start at zero, which would hide what it does."""
     model = tiny_model(seed, **overrides)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 or name == "transformer.shift.weight":
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     return model
 
@@ -365,7 +366,16 @@ MODERN = {
     "untied": dict(tie_weights=False),
     "zero_init_proj": dict(zero_init_proj=True),
     "logit_softcap": dict(logit_softcap=5.0),
-    "all": dict(pos_emb="rope", norm="rmsnorm", qk_norm=True, activation="relu2", tie_weights=False, logit_softcap=5.0),
+    "token_shift": dict(token_shift=True),
+    "all": dict(
+        pos_emb="rope",
+        norm="rmsnorm",
+        qk_norm=True,
+        activation="relu2",
+        tie_weights=False,
+        logit_softcap=5.0,
+        token_shift=True,
+    ),  # fmt: skip
 }
 
 
@@ -391,6 +401,23 @@ def test_modern_options_keep_the_kv_cache_equal_to_recomputation(name):
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_every_option_keeps_cached_logits_equal_under_bfloat16_autocast():
+    """The GPU's path on the CPU: RoPE at cached positions, QK-norm, the token shift's carried embedding
+    and the rest, through the cache in chunks, equal a full forward pass under bfloat16 autocast."""
+    from nanogpt.device import autocast
+    from nanogpt.model import activation_dtype
+
+    model = sharp_model(seed=2, **MODERN["all"])
+    idx = random_ids(2, 14, 32, seed=1)
+    with torch.no_grad(), autocast("cpu", "bfloat16"):
+        full, _ = model(idx, targets=idx)
+        cache = KVCache(model.config, 2, idx.device, activation_dtype(model.lm_head.weight))
+        parts = [model(idx[:, a:b], targets=idx[:, a:b], cache=cache)[0] for a, b in ((0, 5), (5, 6), (6, 14))]
+    assert cache.k.dtype == torch.bfloat16
+    tolerance = 4 * torch.finfo(torch.bfloat16).eps * full.float().abs().max().item()
+    assert (torch.cat(parts, dim=1).float() - full.float()).abs().max().item() <= tolerance
+
+
 def test_rope_attention_depends_on_distance_not_position():
     """With RoPE and no learned positions, a sequence shifted by k positions (in a longer context whose
     prefix is masked out by causality) gives the same logits: only relative positions matter."""
@@ -409,6 +436,29 @@ def test_rope_attention_depends_on_distance_not_position():
     assert not torch.allclose(score(7, 3), score(7, 4))
     with torch.no_grad():
         assert torch.isfinite(model(x, x)[1])
+
+
+def test_token_shift_adds_a_share_of_the_previous_tokens_embedding():
+    """Position t gets x_t + w * x_(t-1) per channel, position 0 nothing; fed in chunks through a cache it
+    is the same; and at initialisation (w = 0) the model equals the one without the option."""
+    from nanogpt.model import TokenShift
+
+    shift = TokenShift(tiny_config())
+    with torch.no_grad():
+        shift.weight.copy_(torch.randn(32))
+    x = torch.randn(2, 6, 32)
+    expected = x.clone()
+    expected[:, 1:] += shift.weight * x[:, :-1]
+    torch.testing.assert_close(shift(x), expected)
+    cache = KVCache(tiny_config(), 2, x.device, torch.float32)
+    torch.testing.assert_close(torch.cat([shift(x[:, a:b], cache) for a, b in ((0, 4), (4, 5), (5, 6))], 1), expected)
+    cache.reset()  # a re-encoded window starts without a previous token, as full recomputation does
+    torch.testing.assert_close(shift(x[:, 3:], cache), shift(x[:, 3:]))
+    assert not torch.allclose(shift(x[:, 3:]), expected[:, 3:])
+    idx = random_ids(2, 10, 32, seed=1)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_model(4, token_shift=True)(idx, idx)[0], tiny_model(4)(idx, idx)[0])
+    assert tiny_model(token_shift=True).get_num_params() == tiny_model().get_num_params() + 32
 
 
 def test_options_change_the_parameters_as_documented():
