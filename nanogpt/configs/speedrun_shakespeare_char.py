@@ -21,6 +21,7 @@ dropout = 0.0
 pos_emb = "rope"
 qk_norm = True
 activation = "relu2"
+token_shift = True
 
 optimizer = "muon"
 lr_schedule = "wsd"

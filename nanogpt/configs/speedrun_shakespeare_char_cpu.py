@@ -13,8 +13,8 @@ log_interval = 50
 always_save_checkpoint = True
 
 gradient_accumulation_steps = 1
-batch_size = 12
-block_size = 64
+batch_size = 6  # x 128 characters: the seed's 768 tokens a step, in longer contexts (docs/recipe.md)
+block_size = 128
 
 n_layer = 4
 n_head = 4
@@ -23,11 +23,13 @@ dropout = 0.0
 pos_emb = "rope"
 qk_norm = True
 activation = "relu2"
+token_shift = True
 
 optimizer = "muon"
 lr_schedule = "wsd"
 cooldown_frac = 0.3
 learning_rate = 2e-3  # the best of 1e-3, 2e-3 and 3e-3 at this budget (docs/recipe.md)
+muon_lr_scale = 0.5  # larger Muon learning rates did worse here, x0.5 a little better (docs/recipe.md)
 min_lr = 2e-4
 beta2 = 0.99
 warmup_iters = 100
