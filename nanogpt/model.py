@@ -164,11 +164,12 @@ class ReLU2(nn.Module):
 
 
 class TokenShift(nn.Module):
-    """x_t + w * x_(t-1) per channel, w learned (initialised to zero: the model starts as without it)."""
+    """x_t + w * x_(t-1) per channel, w learned (initialised to zero in GPT._init_weights: the model
+    starts as without it)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(config.n_embd))
+        self.weight = nn.Parameter(torch.empty(config.n_embd))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.size()

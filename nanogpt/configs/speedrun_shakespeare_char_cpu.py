@@ -1,4 +1,4 @@
-# The CPU speedrun (docs/recipe.md): the seed CPU command's model (4 layers x 128, context 64) and data, with
+# The CPU speedrun (docs/recipe.md): the seed CPU command's model (4 layers x 128) and data, with
 # the techniques that paid off in the ablation, under a training-time budget, so that the whole command takes
 # no longer than the seed CPU command. Defaults elsewhere are untouched: this file turns the options on.
 
