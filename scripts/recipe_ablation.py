@@ -42,7 +42,8 @@ VARIANTS: dict[str, list[str]] = {
     "logit_softcap": ["--logit_softcap=15"],
     "token_shift": ["--token_shift=True"],
     "batch32": ["--batch_size=32"],
-    # what helped, together: the speedrun configs' choice (config/speedrun_shakespeare_char*.py)
+    # what helped in the first ablation, together; the speedrun configs (config/speedrun_shakespeare_char*.py)
+    # add the token shift, found later, and the CPU one longer contexts and Muon x0.5 (docs/recipe.md)
     "recipe": ["--pos_emb=rope", "--qk_norm=True", "--activation=relu2", "--lr_schedule=wsd", "--optimizer=muon"],
 }
 DONE = re.compile(r"^done: final val loss ([\d.]+); ([\d,]+) iterations")
