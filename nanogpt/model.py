@@ -172,11 +172,10 @@ class TokenShift(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.n_embd))
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        B, T, C = x.size()
-        # the token before position 0: the last one the cache saw, or none (zeros) without a cache
-        first = cache.last_embedding.to(x.dtype) if cache is not None else x.new_zeros(B, 1, C)
-        previous = torch.cat((first, x[:, :-1]), dim=1)  # (B, T, C)
-        if cache is not None:
+        if cache is None:
+            previous = F.pad(x[:, :-1], (0, 0, 1, 0))  # (B, T, C): zeros before position 0, which has none
+        else:  # the token before position 0 is the last one the cache saw
+            previous = torch.cat((cache.last_embedding.to(x.dtype), x[:, :-1]), dim=1)  # (B, T, C)
             cache.last_embedding.copy_(x[:, -1:])
         return x + self.weight * previous
 

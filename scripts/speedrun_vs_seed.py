@@ -42,8 +42,9 @@ REACHED = re.compile(rf"val <= {MILESTONE} first at iteration (\d+): ([\d.]+) s 
 def run(name: str, args: list[str], seed: int, out_root: Path, extra: list[str]) -> dict:
     cmd = [sys.executable, "train.py", *args, f"--seed={seed}", f"--out_dir={out_root / f'{name}-{seed}'}"]
     cmd += ["--progress=False", f"--milestones={MILESTONE}", *extra]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     wall = time.time() - t0
     done = next((m for line in proc.stdout.splitlines() if (m := DONE.match(line))), None)
     if proc.returncode != 0 or done is None:
@@ -55,7 +56,7 @@ def run(name: str, args: list[str], seed: int, out_root: Path, extra: list[str])
     out_dir = out_root / f"{name}-{seed}"
     ev = subprocess.run(
         [sys.executable, "-m", "nanogpt", "eval", f"--out_dir={out_dir}", "--device=cpu"],
-        cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+        cwd=REPO, env=env, capture_output=True, text=True,
     )  # fmt: skip
     whole_val = FULL_VAL.search(ev.stdout)
     if ev.returncode != 0 or whole_val is None:

@@ -438,7 +438,7 @@ def test_rope_attention_depends_on_distance_not_position():
         assert torch.isfinite(model(x, x)[1])
 
 
-def test_token_shift_adds_a_share_of_the_previous_tokens_embedding():
+def test_token_shift_adds_the_previous_embeddings_share_through_the_cache_too_and_starts_as_without_it():
     """Position t gets x_t + w * x_(t-1) per channel, position 0 nothing; fed in chunks through a cache it
     is the same; and at initialisation (w = 0) the model equals the one without the option."""
     from nanogpt.model import TokenShift
