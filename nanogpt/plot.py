@@ -5,12 +5,16 @@
 Solid lines are the train loss logged every log_interval iterations (one micro-batch each, so noisy),
 dots joined by dashes the val loss at each evaluation, one colour per run, labelled by its folder.
 matplotlib draws them with its headless Agg backend: pip install 'nanogpt[plot]'. A training run also
-refreshes <out_dir>/loss.png at each evaluation when matplotlib is installed.
+refreshes <out_dir>/loss.png at each evaluation when matplotlib is installed, by running this command in a
+child process (PlotRefresher), so that matplotlib never weighs on the training process.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -102,9 +106,13 @@ def plot_runs(out_dirs: Sequence[str | Path], to: str | Path, x: str = "iter", l
 
 
 class PlotRefresher:
-    """Redraws <out_dir>/loss.png in a background thread whenever asked, so a training run does not wait
-    for matplotlib (importing it takes a second or more). Requests that arrive while a drawing is under way
-    collapse into one more drawing; close() draws a last time and waits for it."""
+    """Redraws <out_dir>/loss.png whenever asked, in a child process (`python -m nanogpt.plot`), so that the
+    training process never imports matplotlib: importing it takes a second or more and stays resident (some
+    35 MiB of a small CPU run's peak memory). One child at a time: requests that arrive while one draws collapse
+    into one more drawing, started when it ends; close() draws a last time and waits for it (each child gets
+    DRAW_TIMEOUT_S, then is killed). A background thread only starts the children and waits for them."""
+
+    DRAW_TIMEOUT_S = 60.0  # a drawing takes about a second; the first one may also build matplotlib's font cache
 
     def __init__(self, out_dir: Path):
         self.out_dir = out_dir
@@ -119,22 +127,54 @@ class PlotRefresher:
     def close(self) -> None:
         self.closing = True
         self.wanted.set()
-        self.thread.join()
+        self.thread.join()  # bounded: at most the drawing under way and the last one, each killed at the timeout
 
     def _run(self) -> None:
         while True:
             self.wanted.wait()
             self.wanted.clear()
             closing = self.closing  # read before drawing: a close() during the drawing gets one more
-            try:
-                plot_runs([self.out_dir], self.out_dir / "loss.png")
-            except UserError:
-                pass  # nothing logged yet
-            except Exception as e:  # a plot is a convenience: never stop training for it
-                print(f"warning: could not draw {self.out_dir / 'loss.png'} ({e}); training goes on.", file=sys.stderr)
+            problem = self._draw()
+            if problem:  # a plot is a convenience: never stop training for it, and stop trying
+                print(
+                    f"warning: could not draw {self.out_dir / 'loss.png'} ({problem}); training goes on.",
+                    file=sys.stderr,
+                )
                 return
             if closing:
                 return
+
+    def _draw(self) -> str | None:
+        """Run one drawing child to its end; why it failed, or None when it drew or had nothing to draw yet."""
+        out_dir = self.out_dir.resolve()  # the child's argument never looks like a flag; the label is the same
+        argv = [sys.executable, "-m", "nanogpt.plot", str(out_dir), f"--to={out_dir / 'loss.png'}"]
+        env = dict(os.environ)
+        # the child imports this very package, even from a checkout that is not installed (python train.py)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(Path(__file__).parents[1])]))
+        with tempfile.TemporaryFile() as err:  # a file, not a pipe: a long traceback can never block the child
+            try:
+                # its own session: the terminal's Ctrl-C goes to training, whose close() then waits for the child
+                child = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    env=env,
+                    start_new_session=True,
+                )
+            except OSError as e:
+                return str(e)
+            try:
+                code = child.wait(self.DRAW_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()  # reaped: no zombie left behind
+                return f"the drawing took over {self.DRAW_TIMEOUT_S:.0f} s"
+            if code in (0, 2):  # 2: a UserError, such as no complete record logged yet
+                return None
+            err.seek(0)
+            lines = err.read().decode(errors="replace").strip().splitlines()
+            return lines[-1] if lines else f"exit status {code}"
 
 
 def main(argv: Sequence[str] | None = None) -> None:

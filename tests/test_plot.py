@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,89 @@ def test_training_refreshes_loss_png(tmp_path, prepare_char_dataset, tiny_model_
     (out / "loss.png").unlink()
     train_main([*args, "--plot=False"])
     assert not (out / "loss.png").exists()
+
+
+# Trains in a fresh interpreter (the tests' own process imports matplotlib above), then says whether the
+# training process itself ever imported matplotlib.
+TRAIN_THEN_LIST_MATPLOTLIB = """
+import sys
+from nanogpt.train import main
+main(sys.argv[1:])
+print("matplotlib modules:", sorted(m for m in sys.modules if m.split(".")[0] == "matplotlib"))
+"""
+
+
+def test_training_draws_loss_png_without_importing_matplotlib(
+    tmp_path, run_script, prepare_char_dataset, tiny_model_args
+):
+    data_dir = prepare_char_dataset()
+    out = tmp_path / "out"
+    args = [*tiny_model_args, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2"]
+    r = run_script("-c", TRAIN_THEN_LIST_MATPLOTLIB, *args, "--plot=True")
+    assert r.returncode == 0, r.stderr
+    assert "matplotlib modules: []" in r.stdout, r.stdout
+    assert "could not draw" not in r.stderr
+    assert png_size(out / "loss.png") == (800, 450)
+    assert not list(out.glob(".loss.png.*"))
+
+
+# Stands in for the interpreter PlotRefresher starts: logs each start, notes any overlap with another one.
+FAKE_PYTHON = """#!/bin/sh
+mkdir "$FAKE_DIR/running" 2>/dev/null || echo overlap >> "$FAKE_DIR/log"
+echo start >> "$FAKE_DIR/log"
+sleep 0.3
+rmdir "$FAKE_DIR/running"
+echo "$FAKE_ERROR" >&2
+exit "$FAKE_CODE"
+"""
+
+
+def fake_python(tmp_path, monkeypatch, code: int, error: str = "") -> Path:
+    script = tmp_path / "fake-python"
+    script.write_text(FAKE_PYTHON)
+    script.chmod(0o755)
+    monkeypatch.setattr("sys.executable", str(script))
+    monkeypatch.setenv("FAKE_DIR", str(tmp_path))
+    monkeypatch.setenv("FAKE_CODE", str(code))
+    monkeypatch.setenv("FAKE_ERROR", error)
+    return tmp_path / "log"
+
+
+def wait_for_line(log: Path) -> None:
+    for _ in range(1000):
+        if log.exists() and log.read_text():
+            return
+        time.sleep(0.01)
+    raise AssertionError("the first drawing never started")
+
+
+def test_requests_during_a_drawing_collapse_into_one_more(tmp_path, monkeypatch, capsys):
+    from nanogpt.plot import PlotRefresher
+
+    log = fake_python(tmp_path, monkeypatch, code=0)
+    p = PlotRefresher(tmp_path)
+    p.request()
+    wait_for_line(log)  # the first drawing is under way
+    for _ in range(4):
+        p.request()
+    p.close()  # waits for the first drawing, then draws once for all the requests and the close
+    assert log.read_text().split() == ["start", "start"]
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(("code", "warned"), [(1, True), (2, False)], ids=["crash", "user-error"])
+def test_a_failing_drawing_never_stops_training(tmp_path, monkeypatch, capsys, code, warned):
+    from nanogpt.plot import PlotRefresher
+
+    log = fake_python(tmp_path, monkeypatch, code=code, error="boom")
+    p = PlotRefresher(tmp_path)
+    p.request()
+    wait_for_line(log)
+    p.close()
+    err = capsys.readouterr().err
+    if warned:  # a crash is reported once, and no drawing is tried again
+        assert "could not draw" in err and "(boom); training goes on" in err
+        assert log.read_text().split() == ["start"]
+    else:  # a UserError (nothing logged yet, say) is silent, and the close still draws
+        assert err == ""
+        assert log.read_text().split() == ["start", "start"]
