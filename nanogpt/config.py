@@ -32,6 +32,35 @@ def option(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+# ----------------------------------------------------------------------------- options several commands share
+
+# Options that several commands declare alike (sample, eval and serve load a model the same way), written
+# once so that their defaults and help cannot drift apart. Each call returns a new field: a dataclass keeps
+# its field's name and type on the Field object, so one Field cannot be shared by two classes.
+
+
+def init_from_option() -> Any:
+    """--init_from of the commands that use a trained model (train's also offers 'scratch')."""
+    return option(
+        "resume", "'resume' (the checkpoint in out_dir), gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a HF folder"
+    )
+
+
+def out_dir_option(help: str) -> Any:
+    """--out_dir, the run's folder ("out" unless told): each command says what it reads or writes there."""
+    return option("out", help)
+
+
+def device_option() -> Any:
+    """--device: "auto" picks the fastest there is, so a command runs unchanged on any machine."""
+    return option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+
+
+def dtype_option(help: str = "auto, float32, bfloat16 or float16 (as for sampling)") -> Any:
+    """--dtype, "auto" unless told; sample's help spells out what auto picks, the others point to it."""
+    return option("auto", help)
+
+
 # ----------------------------------------------------------------------------- config files
 
 _BINOPS = {

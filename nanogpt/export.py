@@ -15,10 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanogpt.checkpoint import CKPT_NAME, INTERRUPT_NAME, load_model_checkpoint
+from nanogpt.checkpoint import CKPT_NAME, INTERRUPT_NAME, load_model_checkpoint, model_from_checkpoint
 from nanogpt.config import option, parse_args
 from nanogpt.errors import UserError, run_main
-from nanogpt.hf import export_hf, usage_snippet
+from nanogpt.hf import check_export, export_hf, usage_snippet
 
 
 @dataclass
@@ -39,12 +39,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     o, explicit = parse_args(ExportOptions, argv, "nanogpt export", __doc__ or "")
     path, ckpt = load_model_checkpoint(o.out_dir, o.ckpt if "ckpt" in explicit else None)
     dest = Path(o.to)
-    files = export_hf(ckpt, dest)
+    spec = ckpt.get("tokenizer", {"kind": "gpt2"})
+    check_export(dest)  # refusals that need no model (no transformers, an unusable --to) come before building it
+    model = model_from_checkpoint(ckpt)
+    files = export_hf(model, spec, dest)
     print(f"exported {path} (iteration {ckpt.get('iter_num', '?')}) to {dest}:")
     for f in files:
         print(f"  {f.name:<28} {f.stat().st_size:>14,} bytes")
     print("\nload it with transformers and generate:\n")
-    print(usage_snippet(dest, ckpt.get("tokenizer", {"kind": "gpt2"}), ckpt["model_args"]["block_size"]))
+    print(usage_snippet(dest, spec, model.config.block_size))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,10 @@
 """Hugging Face GPT-2 interop: load OpenAI's GPT-2 (or any HF GPT-2 folder) into our GPT, and write
-our checkpoints as HF GPT-2 folders.
+our model as a HF GPT-2 folder.
+
+Machinery a first read skips: the student's path is model.py, train.py, data.py/optim.py, then
+generate.py/sample.py. This module only converts between our GPT and `transformers`: reading our
+own checkpoints is nanogpt.checkpoint's job, so `nanogpt export` hands it a built model, and the
+--init_from path of train, sample, eval and serve takes one back.
 
 Our model uses GPT-2's parameter names, so both directions are a key-for-key copy with one twist:
 HF's GPT-2 stores the four matmul weights of each block (attn.c_attn, attn.c_proj, mlp.c_fc,
@@ -22,7 +27,6 @@ from typing import Any
 
 import torch
 
-from nanogpt.checkpoint import model_from_checkpoint
 from nanogpt.errors import UserError
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.tokenizer import (
@@ -206,13 +210,9 @@ def copy_hf_weights(model: GPT, hf_state: dict[str, torch.Tensor]) -> None:
             target.copy_(src)  # casts float16/bfloat16 checkpoints to our float32
 
 
-def load_pretrained_gpt2(name_or_path: str, dropout: float | None = None) -> GPT:
-    """OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl; downloaded from the Hugging Face hub
-    on first use) or a local folder holding a HF GPT-2 checkpoint, as our GPT on the CPU.
-
-    A local folder is the offline way: download once elsewhere with
-    `GPT2LMHeadModel.from_pretrained(name).save_pretrained(folder)`, or use a `nanogpt export` folder.
-    """
+def _resolve_source(name_or_path: str) -> tuple[Path, str | None]:
+    """The folder name_or_path names and its hub name (None if not one of OpenAI's four); refuses a value that
+    is neither an existing folder nor a hub name before transformers is imported."""
     folder = Path(name_or_path).expanduser()
     hub_name = _hub_name(name_or_path)
     if not folder.is_dir() and hub_name is None:
@@ -223,50 +223,73 @@ def load_pretrained_gpt2(name_or_path: str, dropout: float | None = None) -> GPT
             f"too for training), {', '.join(GPT2_SIZES)}, or a folder holding a Hugging Face GPT-2 checkpoint "
             "(config.json + weights)."
         )
+    return folder, hub_name
+
+
+def _read_hf_folder(transformers: Any, folder: Path) -> Any:
+    """The GPT2LMHeadModel saved in a local folder. Its config is checked first, so that an unsupported
+    variant is refused by name before its weights are read."""
+    raw = _read_folder_config(folder)
+    hf_config = transformers.GPT2Config.from_pretrained(str(folder))
+    problems = unsupported_features(hf_config)
+    if problems:
+        raise UserError(
+            f"{folder} is a GPT-2 variant nanogpt does not implement: {'; '.join(problems)}. Only the original "
+            "GPT-2 architecture can be loaded."
+        )
+    print(
+        f"loading a GPT-2 from {folder} (n_layer={raw.get('n_layer')}, n_head={raw.get('n_head')}, "
+        f"n_embd={raw.get('n_embd')}, vocab_size={raw.get('vocab_size')})",
+        file=sys.stderr,
+    )
+    try:
+        return transformers.GPT2LMHeadModel.from_pretrained(str(folder), config=hf_config)
+    except OSError as e:
+        raise UserError(
+            f"could not read the weights in {folder} ({_first_line(e)}). The folder needs model.safetensors "
+            "(or pytorch_model.bin) next to config.json; save the model again with save_pretrained()."
+        ) from None
+
+
+def _download_hub_model(transformers: Any, hub_name: str, name_or_path: str) -> Any:
+    """OpenAI's GPT-2 `hub_name` from the Hugging Face hub (or its local cache), as a GPT2LMHeadModel."""
+    sizes = ", ".join(f"{k}={v}" for k, v in GPT2_SIZES[hub_name].items())
+    print(
+        f"loading {hub_name} ({GPT2_PARAMS[hub_name]} parameters: {sizes}) from the Hugging Face hub",
+        file=sys.stderr,
+    )
+    try:
+        hf_model = transformers.GPT2LMHeadModel.from_pretrained(name_or_path)
+    except Exception as e:  # transformers, huggingface_hub and httpx each have their own error types...
+        if not _is_network_error(e):  # ...so only the network's failures are turned into advice
+            raise
+        raise UserError(
+            f"could not get {hub_name} from the Hugging Face hub, which could not be reached and has no copy "
+            f"in the local cache ({_first_line(e)}). Connect to the internet once, or use a local folder: on a "
+            "machine with internet, save the model with GPT2LMHeadModel.from_pretrained"
+            f"('{hub_name}').save_pretrained('{hub_name}-hf') (from transformers), copy that folder here and "
+            f"pass --init_from=path/to/{hub_name}-hf. Setting HF_HUB_OFFLINE=1 skips the connection retries."
+        ) from None
+    problems = unsupported_features(hf_model.config)
+    if problems:  # not expected for OpenAI's checkpoints; guards against a changed hub repo
+        raise UserError(f"{hub_name} on the hub is not the GPT-2 nanogpt implements: {'; '.join(problems)}.")
+    return hf_model
+
+
+def load_pretrained_gpt2(name_or_path: str, dropout: float | None = None) -> GPT:
+    """OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl; downloaded from the Hugging Face hub
+    on first use) or a local folder holding a HF GPT-2 checkpoint, as our GPT on the CPU.
+
+    A local folder is the offline way: download once elsewhere with
+    `GPT2LMHeadModel.from_pretrained(name).save_pretrained(folder)`, or use a `nanogpt export` folder.
+    """
+    folder, hub_name = _resolve_source(name_or_path)
     transformers = _import_transformers()
     if folder.is_dir():  # a folder wins over a hub name, as in transformers
-        raw = _read_folder_config(folder)
-        hf_config = transformers.GPT2Config.from_pretrained(str(folder))
-        problems = unsupported_features(hf_config)
-        if problems:
-            raise UserError(
-                f"{folder} is a GPT-2 variant nanogpt does not implement: {'; '.join(problems)}. Only the original "
-                "GPT-2 architecture can be loaded."
-            )
-        print(
-            f"loading a GPT-2 from {folder} (n_layer={raw.get('n_layer')}, n_head={raw.get('n_head')}, "
-            f"n_embd={raw.get('n_embd')}, vocab_size={raw.get('vocab_size')})",
-            file=sys.stderr,
-        )
-        try:
-            hf_model = transformers.GPT2LMHeadModel.from_pretrained(str(folder), config=hf_config)
-        except OSError as e:
-            raise UserError(
-                f"could not read the weights in {folder} ({_first_line(e)}). The folder needs model.safetensors "
-                "(or pytorch_model.bin) next to config.json; save the model again with save_pretrained()."
-            ) from None
+        hf_model = _read_hf_folder(transformers, folder)
     else:
         assert hub_name is not None
-        sizes = ", ".join(f"{k}={v}" for k, v in GPT2_SIZES[hub_name].items())
-        print(
-            f"loading {hub_name} ({GPT2_PARAMS[hub_name]} parameters: {sizes}) from the Hugging Face hub",
-            file=sys.stderr,
-        )
-        try:
-            hf_model = transformers.GPT2LMHeadModel.from_pretrained(name_or_path)
-        except Exception as e:  # transformers, huggingface_hub and httpx each have their own error types...
-            if not _is_network_error(e):  # ...so only the network's failures are turned into advice
-                raise
-            raise UserError(
-                f"could not get {hub_name} from the Hugging Face hub, which could not be reached and has no copy "
-                f"in the local cache ({_first_line(e)}). Connect to the internet once, or use a local folder: on a "
-                "machine with internet, save the model with GPT2LMHeadModel.from_pretrained"
-                f"('{hub_name}').save_pretrained('{hub_name}-hf') (from transformers), copy that folder here and "
-                f"pass --init_from=path/to/{hub_name}-hf. Setting HF_HUB_OFFLINE=1 skips the connection retries."
-            ) from None
-        problems = unsupported_features(hf_model.config)
-        if problems:  # not expected for OpenAI's checkpoints; guards against a changed hub repo
-            raise UserError(f"{hub_name} on the hub is not the GPT-2 nanogpt implements: {'; '.join(problems)}.")
+        hf_model = _download_hub_model(transformers, hub_name, name_or_path)
     model = GPT(gpt_config_from_hf(hf_model.config, dropout))
     copy_hf_weights(model, hf_model.state_dict())
     return model
@@ -393,19 +416,20 @@ def _write_gpt2_tokenizer(dest: Path, block_size: int) -> None:
     fast.backend_tokenizer.save(str(dest / "tokenizer.json"))
 
 
-def export_hf(ckpt: dict[str, Any], dest: str | Path) -> list[Path]:
-    """Write one of our checkpoints as a Hugging Face GPT-2 folder; returns the files written.
-
-    The folder holds config.json, generation_config.json and model.safetensors, plus the tokenizer:
-    GPT-2's tokenizer files for a GPT-2-tokenizer model, or nanogpt_char_vocab.json for a char-level
-    one (HF has no character tokenizer class; the JSON says how to encode and decode).
-    """
-    transformers = _import_transformers()
+def check_export(dest: str | Path) -> Path:
+    """What export_hf refuses before any work: a missing transformers, and a destination it must not write
+    into; returns the destination with ~ expanded. export.py calls it before it builds the model, so that
+    these refusals come before a damaged checkpoint's, as when export_hf built the model itself."""
+    _import_transformers()
     dest = Path(dest).expanduser()
     check_destination(dest)
-    model = model_from_checkpoint(ckpt).eval()
-    spec = ckpt.get("tokenizer", {"kind": "gpt2"})
-    hf_config = hf_config_from_gpt(model.config, spec)
+    return dest
+
+
+def _hf_model_from_gpt(model: GPT, tokenizer_spec: dict[str, Any]) -> Any:
+    """A GPT2LMHeadModel holding our model's weights (refusing, by name, the options it has no counterpart for)."""
+    transformers = _import_transformers()
+    hf_config = hf_config_from_gpt(model.config, tokenizer_spec)
     hf_model = transformers.GPT2LMHeadModel(hf_config)
     hf_shapes = {k: v.shape for k, v in hf_model.state_dict().items()}
     result = hf_model.load_state_dict(hf_state_dict_from_gpt(model, hf_shapes), strict=False)
@@ -414,31 +438,49 @@ def export_hf(ckpt: dict[str, Any], dest: str | Path) -> list[Path]:
         raise RuntimeError(f"export mapping incomplete: missing {leftover}, unexpected {result.unexpected_keys}")
     if model.config.tie_weights:
         hf_model.tie_weights()
+    return hf_model
+
+
+def _write_tokenizer(dest: Path, tokenizer_spec: dict[str, Any], config: GPTConfig) -> None:
+    """The export's tokenizer: the char vocabulary as JSON, or GPT-2's tokenizer files."""
+    stale: tuple[str, ...]
+    if tokenizer_spec.get("kind") == "char":
+        vocab = {
+            "chars": list(tokenizer_spec["chars"]),
+            "usage": "token id i is the character chars[i]. encode: [chars.index(c) for c in text]; "
+            "decode: ''.join(chars[i] for i in ids)",
+        }
+        text = json.dumps(vocab, ensure_ascii=False).replace(', "usage"', ',\n "usage"')
+        (dest / CHAR_VOCAB_NAME).write_text(text + "\n", encoding="utf-8")
+        stale = GPT2_TOKENIZER_FILES
+    else:
+        if config.vocab_size < GPT2Tokenizer.vocab_size:
+            print(
+                f"warning: the model's vocabulary ({config.vocab_size} tokens) is smaller than GPT-2's "
+                f"tokenizer ({GPT2Tokenizer.vocab_size}); text whose tokens fall outside it cannot be fed to it.",
+                file=sys.stderr,
+            )
+        _write_gpt2_tokenizer(dest, config.block_size)
+        stale = (CHAR_VOCAB_NAME,)
+    for name in stale:  # a previous export of the other kind left a tokenizer that no longer applies
+        if (dest / name).is_file():
+            (dest / name).unlink()
+
+
+def export_hf(model: GPT, tokenizer_spec: dict[str, Any], dest: str | Path) -> list[Path]:
+    """Write our model, whose tokenizer is tokenizer_spec, as a Hugging Face GPT-2 folder; returns the files
+    written.
+
+    The folder holds config.json, generation_config.json and model.safetensors, plus the tokenizer:
+    GPT-2's tokenizer files for a GPT-2-tokenizer model, or nanogpt_char_vocab.json for a char-level
+    one (HF has no character tokenizer class; the JSON says how to encode and decode).
+    """
+    dest = check_export(dest)
+    hf_model = _hf_model_from_gpt(model, tokenizer_spec)
     try:
         dest.mkdir(parents=True, exist_ok=True)
         hf_model.save_pretrained(str(dest))
-        stale: tuple[str, ...]
-        if spec.get("kind") == "char":
-            vocab = {
-                "chars": list(spec["chars"]),
-                "usage": "token id i is the character chars[i]. encode: [chars.index(c) for c in text]; "
-                "decode: ''.join(chars[i] for i in ids)",
-            }
-            text = json.dumps(vocab, ensure_ascii=False).replace(', "usage"', ',\n "usage"')
-            (dest / CHAR_VOCAB_NAME).write_text(text + "\n", encoding="utf-8")
-            stale = GPT2_TOKENIZER_FILES
-        else:
-            if model.config.vocab_size < GPT2Tokenizer.vocab_size:
-                print(
-                    f"warning: the model's vocabulary ({model.config.vocab_size} tokens) is smaller than GPT-2's "
-                    f"tokenizer ({GPT2Tokenizer.vocab_size}); text whose tokens fall outside it cannot be fed to it.",
-                    file=sys.stderr,
-                )
-            _write_gpt2_tokenizer(dest, model.config.block_size)
-            stale = (CHAR_VOCAB_NAME,)
-        for name in stale:  # a previous export of the other kind left a tokenizer that no longer applies
-            if (dest / name).is_file():
-                (dest / name).unlink()
+        _write_tokenizer(dest, tokenizer_spec, model.config)
     except OSError as e:
         raise UserError(
             f"could not write the export to {dest} ({e.strerror or e}). Choose a writable --to folder."

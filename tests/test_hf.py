@@ -96,6 +96,11 @@ def ours_from(ckpt: dict) -> GPT:
     return model.eval()
 
 
+def export_checkpoint(ckpt: dict, dest) -> list:
+    """What `nanogpt export` does with a checkpoint: the model rebuilt from it, exported with its tokenizer."""
+    return export_hf(ours_from(ckpt), ckpt["tokenizer"], dest)
+
+
 # ----------------------------------------------------------------------------- loading a HF folder
 
 
@@ -170,7 +175,7 @@ def test_float16_checkpoint_is_loaded_as_float32(hf_folder, tmp_path):
 
 def test_export_char_checkpoint(tmp_path):
     ckpt = char_checkpoint()
-    files = export_hf(ckpt, tmp_path / "char")
+    files = export_checkpoint(ckpt, tmp_path / "char")
     names = {f.name for f in files}
     assert {"config.json", "model.safetensors", CHAR_VOCAB_NAME} <= names
     assert "vocab.json" not in names  # GPT-2's tokenizer does not apply to a char model
@@ -201,7 +206,7 @@ def test_export_char_checkpoint(tmp_path):
 def test_export_gpt2_vocabulary_checkpoint_with_tokenizer(tmp_path):
     ckpt = gpt2_vocab_checkpoint()
     dest = tmp_path / "gpt2"
-    names = {f.name for f in export_hf(ckpt, dest)}
+    names = {f.name for f in export_checkpoint(ckpt, dest)}
     assert {"config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer.json"} <= names
     for cls in (transformers.GPT2TokenizerFast, transformers.GPT2Tokenizer, transformers.AutoTokenizer):
         tok = cls.from_pretrained(str(dest))
@@ -219,7 +224,7 @@ def test_export_gpt2_vocabulary_checkpoint_with_tokenizer(tmp_path):
 def test_hf_to_ours_to_hf_round_trip_is_exact(hf_folder, tmp_path):
     ref = hf_model(hf_folder)
     ours = load_pretrained_gpt2(str(hf_folder))
-    export_hf(checkpoint_of(ours, {"kind": "gpt2"}), tmp_path / "again")
+    export_checkpoint(checkpoint_of(ours, {"kind": "gpt2"}), tmp_path / "again")
     back = hf_model(tmp_path / "again")
     for k, v in ref.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
@@ -233,14 +238,14 @@ def test_export_refuses_an_unrelated_folder_and_keeps_other_files(tmp_path):
     unrelated.mkdir()
     (unrelated / "thesis.tex").write_text("precious")
     with pytest.raises(UserError, match="not empty.*thesis.tex"):
-        export_hf(char_checkpoint(), unrelated)
+        export_checkpoint(char_checkpoint(), unrelated)
     assert [p.name for p in unrelated.iterdir()] == ["thesis.tex"]
 
     dest = tmp_path / "model"
-    export_hf(gpt2_vocab_checkpoint(), dest)
+    export_checkpoint(gpt2_vocab_checkpoint(), dest)
     (dest / "notes.txt").write_text("mine")
     (dest / ".gitattributes").write_text("*.safetensors filter=lfs")
-    export_hf(char_checkpoint(), dest)  # over a previous export: allowed
+    export_checkpoint(char_checkpoint(), dest)  # over a previous export: allowed
     names = {p.name for p in dest.iterdir()}
     assert {"notes.txt", ".gitattributes", CHAR_VOCAB_NAME, "model.safetensors"} <= names
     assert not names & {"vocab.json", "merges.txt", "tokenizer.json"}  # the stale GPT-2 tokenizer is gone
@@ -248,7 +253,7 @@ def test_export_refuses_an_unrelated_folder_and_keeps_other_files(tmp_path):
 
     hub_clone = tmp_path / "clone"
     (hub_clone / ".git").mkdir(parents=True)
-    export_hf(char_checkpoint(), hub_clone)  # only dotfiles: a fresh clone of a hub repository
+    export_checkpoint(char_checkpoint(), hub_clone)  # only dotfiles: a fresh clone of a hub repository
     assert (hub_clone / "model.safetensors").is_file()
 
 
@@ -314,7 +319,7 @@ def test_missing_transformers_says_what_to_install(monkeypatch, hf_folder):
     with pytest.raises(UserError, match=re.escape("pip install 'nanogpt[hf]'")):
         load_pretrained_gpt2(str(hf_folder))
     with pytest.raises(UserError, match=re.escape("pip install 'nanogpt[hf]'")):
-        export_hf(char_checkpoint(), "unused")
+        export_checkpoint(char_checkpoint(), "unused")
 
 
 @pytest.mark.parametrize(
@@ -504,7 +509,7 @@ def modern_checkpoint(**options) -> dict:
 def test_untied_head_and_relu2_export_with_logit_parity_and_load_back(tmp_path):
     """Options with a GPT-2 counterpart (tie_word_embeddings=False, activation_function='relu2') export."""
     ckpt = modern_checkpoint(tie_weights=False, activation="relu2", zero_init_proj=True)
-    export_hf(ckpt, tmp_path / "modern")
+    export_checkpoint(ckpt, tmp_path / "modern")
     config = json.loads((tmp_path / "modern" / "config.json").read_text())
     assert config["tie_word_embeddings"] is False and config["activation_function"] == "relu2"
     ours, ref = ours_from(ckpt), hf_model(tmp_path / "modern")
@@ -529,5 +534,25 @@ def test_untied_head_and_relu2_export_with_logit_parity_and_load_back(tmp_path):
 )
 def test_options_without_a_gpt2_counterpart_are_refused_by_name(tmp_path, options, named):
     with pytest.raises(UserError, match=f"uses {re.escape(named)}, which Hugging Face's GPT-2 architecture has no"):
-        export_hf(modern_checkpoint(**options), tmp_path / "out")
+        export_checkpoint(modern_checkpoint(**options), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_command_refuses_by_name_and_checks_the_destination_before_the_checkpoint(tmp_path):
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    save_checkpoint(out_dir / "ckpt.pt", modern_checkpoint(token_shift=True))
+    with pytest.raises(UserError, match="uses token_shift=True, which Hugging Face's GPT-2 architecture has no"):
+        export.main([f"--out_dir={out_dir}", f"--to={tmp_path / 'hf'}"])
+    assert not (tmp_path / "hf").exists()
+
+    damaged = char_checkpoint()
+    damaged["model_args"]["n_layer"] = 3  # the weights are those of 2 layers
+    save_checkpoint(out_dir / "ckpt.pt", damaged)
+    unrelated = tmp_path / "unrelated"
+    unrelated.mkdir()
+    (unrelated / "thesis.tex").write_text("precious")
+    with pytest.raises(UserError, match="not empty"):  # said first: it needs no model
+        export.main([f"--out_dir={out_dir}", f"--to={unrelated}"])
+    with pytest.raises(UserError, match="do not match its model_args"):
+        export.main([f"--out_dir={out_dir}", f"--to={tmp_path / 'hf'}"])
