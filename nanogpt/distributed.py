@@ -12,12 +12,10 @@ import io
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from nanogpt.checkpoint import damaged_shards, damaged_shards_error, load_shards_into, read_manifest
 from nanogpt.device import DTYPES, resolve_device
 from nanogpt.errors import UserError
 from nanogpt.model import GPT
@@ -95,41 +93,6 @@ def checkpoint_blocks(model: GPT) -> None:
 
     for block in model.transformer.h:
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
-
-
-def optimizer_state_by_name(model: torch.nn.Module, optimizer, saved: dict[str, Any]) -> dict[str, Any]:
-    """A saved optimizer state_dict, whose parameters are numbered in the order of its groups, keyed by
-    parameter name instead: the form set_optimizer_state_dict loads into a sharded model."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    numbers = [i for group in saved["param_groups"] for i in group["params"]]
-    if len(numbers) != len(order):
-        raise UserError(
-            f"the checkpoint's optimizer state covers {len(numbers)} parameters, this model has {len(order)}: "
-            "resume with the options it was trained with."
-        )
-    name_of = dict(zip(numbers, order))
-    return {
-        "state": {name_of[i]: s for i, s in saved["state"].items()},
-        "param_groups": [{**g, "params": [name_of[i] for i in g["params"]]} for g in saved["param_groups"]],
-    }
-
-
-def load_checked_shards(folder: Path, model: torch.nn.Module, optimizer, at: Place) -> None:
-    """Load a sharded checkpoint into the sharded model: the processes check its files' CRC-32s, a share
-    each, and load nothing unless all are whole (a collective)."""
-    import torch.distributed as dist
-
-    found = read_manifest(folder.parent)  # out_dir/ckpt.dcp/<save>
-    if found is None or found[0] != folder:
-        raise UserError(f"{folder} was replaced while this run started; run the same command again.")
-    manifest = found[1]
-    problems: list[Any] = [None] * at.world
-    dist.all_gather_object(problems, damaged_shards(folder, manifest, at.rank, at.world))
-    problems = [p for share in problems for p in share]
-    if problems:
-        raise damaged_shards_error(folder, problems)
-    load_shards_into(folder, model, optimizer, no_dist=False)
 
 
 def gather_rng_states(state: dict[str, Any], at: Place) -> list[dict[str, Any]]:

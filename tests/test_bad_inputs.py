@@ -295,7 +295,7 @@ def disk_fills_up() -> None:
     import contextlib
     import os
 
-    from nanogpt import checkpoint
+    from nanogpt.checkpoint import file as checkpoint  # the single-file format writes through atomic_open
 
     real_atomic_open = checkpoint.atomic_open
 

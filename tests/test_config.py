@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from nanogpt.config import BUNDLED_CONFIG_DIR, option, parse_args, parse_config_text, read_config_file
 from nanogpt.errors import UserError
-from nanogpt.train import TrainOptions
+from nanogpt.train_options import TrainOptions
 
 
 @dataclasses.dataclass

@@ -17,7 +17,7 @@ import torch.distributed
 
 from nanogpt.checkpoint import INTERRUPT_SHARDED_NAME, MANIFEST_NAME, SHARDED_NAME, load_checkpoint
 from nanogpt.errors import UserError
-from nanogpt.train import TrainOptions, check_fsdp_options
+from nanogpt.train_options import TrainOptions, check_fsdp_options
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 

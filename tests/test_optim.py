@@ -13,8 +13,8 @@ from nanogpt.checkpoint import load_checkpoint
 from nanogpt.errors import UserError
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.optim import build_optimizers, get_lr
-from nanogpt.train import TrainOptions
 from nanogpt.train import main as train_main
+from nanogpt.train_options import TrainOptions
 
 
 def tiny_model() -> GPT:

@@ -347,7 +347,7 @@ def test_sigint_and_sigterm_save_interrupt_pt_and_the_printed_command_resumes_ex
 
 
 def test_resume_command_quotes_arguments():
-    from nanogpt.train import resume_command
+    from nanogpt.resume import resume_command
 
     cmd = resume_command(["--out_dir=my run", "--init_from=scratch", "--n_layer=2"])
     assert shlex.split(cmd) == ["python", "train.py", "--out_dir=my run", "--n_layer=2", "--init_from=resume"]

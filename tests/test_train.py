@@ -19,9 +19,10 @@ import torch
 
 from nanogpt.checkpoint import load_checkpoint
 from nanogpt.errors import UserError
+from nanogpt.optim import get_lr
 from nanogpt.sample import SEPARATOR
-from nanogpt.train import TrainOptions, get_lr
 from nanogpt.train import main as train_main
+from nanogpt.train_options import TrainOptions
 
 STEP = re.compile(r"^step (\d+): train loss ([\d.]+), val loss ([\d.]+)$", re.M)
 ITER = re.compile(r"^iter (\d+): loss ([\d.]+), time [\d.]+ms, mfu -?[\d.]+%$", re.M)
@@ -489,7 +490,7 @@ def test_without_always_save_only_an_improved_val_loss_is_saved(
 
 def test_cuda_random_states_of_another_gpu_count_are_skipped_with_a_warning(monkeypatch, capsys):
     """A checkpoint from a 2-GPU machine resumed on a 1-GPU one: the CUDA generators start afresh, and say so."""
-    from nanogpt.train import rng_state, set_rng_state
+    from nanogpt.resume import rng_state, set_rng_state
 
     gen = torch.Generator().manual_seed(0)
     state = {**rng_state([gen]), "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
@@ -502,7 +503,7 @@ def test_cuda_random_states_of_another_gpu_count_are_skipped_with_a_warning(monk
 
 def test_batch_generators_restore_one_per_micro_batch_and_read_older_checkpoints(capsys):
     """A step's micro-batches each have a generator; checkpoints before that held one state, not a list."""
-    from nanogpt.train import rng_state, set_rng_state
+    from nanogpt.resume import rng_state, set_rng_state
 
     a, b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)
     saved = rng_state([a, b])
