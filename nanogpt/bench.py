@@ -29,6 +29,7 @@ import torch
 from nanogpt.config import option, parse_args
 from nanogpt.device import DTYPES, autocast, enable_tf32, resolve_device, resolve_dtype
 from nanogpt.errors import UserError, run_main
+from nanogpt.generate import generate
 from nanogpt.mfu import peak_flops
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.optim import build_optimizers
@@ -140,10 +141,10 @@ def bench_generate(model: GPT, batch: int, tokens: int, use_cache: bool, device:
     model.eval()
     x = torch.zeros((batch, 1), dtype=torch.long, device=device)
     with autocast(device, dtype):
-        model.generate(x, 2, use_cache=use_cache)  # warm-up
+        generate(model, x, 2, use_cache=use_cache)  # warm-up
         _sync(device)
         t0 = time.perf_counter()
-        model.generate(x, tokens, use_cache=use_cache, top_k=200)
+        generate(model, x, tokens, use_cache=use_cache, top_k=200)
         _sync(device)
     model.train()
     return batch * tokens / (time.perf_counter() - t0)
@@ -162,11 +163,11 @@ def bench_sample_workload(model: GPT, n: int, tokens: int, device: str, dtype: s
         _sync(device)
         t0 = time.perf_counter()
         for _ in range(n):
-            model.generate(x, tokens, use_cache=False, **kwargs)
+            generate(model, x, tokens, use_cache=False, **kwargs)
         _sync(device)
         out["sequential_nocache_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        model.generate(x.repeat(n, 1), tokens, use_cache=True, **kwargs)
+        generate(model, x.repeat(n, 1), tokens, use_cache=True, **kwargs)
         _sync(device)
         out["batched_cache_s"] = time.perf_counter() - t0
     model.train()

@@ -1,4 +1,7 @@
-"""The GPT language model, in one file you can read top to bottom.
+"""The GPT language model, in one file you can read top to bottom. Read 1st.
+
+The reading path: 1 this file, 2 train.py, 3 data.py and optim.py, 4 generate.py then sample.py; the
+rest is machinery (checkpoints, devices, distributed training, serving) that a first read can skip.
 
 GPT-2 architecture (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"):
 token + learned position embeddings, a stack of pre-LayerNorm transformer blocks, a final LayerNorm
@@ -6,8 +9,9 @@ and a language-model head tied to the token embedding. Parameter names follow Op
 checkpoints (wte wpe h ln_f c_attn c_proj c_fc), so loading them is a key mapping (see `hf.py`).
 
 GPTConfig also has switches for what came after GPT-2 (rotary positions, RMSNorm, QK-norm, ReLU^2,
-an untied head, zero-initialised projections, logit soft-capping). All are off by default, and each
-is a small branch here, not a second model.
+an untied head, zero-initialised projections, logit soft-capping, the token shift). All are off by
+default, and each is a small branch here, not a second model. Sampling text from the model is
+generate.py's job; the KV cache lives here because the forward pass fills it.
 
 References:
 1) OpenAI's TensorFlow GPT-2: https://github.com/openai/gpt-2/blob/master/src/model.py
@@ -20,8 +24,8 @@ This module is pure: no argv, no file I/O, no environment reads, no prints.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -134,7 +138,7 @@ def activation_dtype(weight: torch.Tensor) -> torch.dtype:
 
 def make_norm(config: GPTConfig) -> nn.Module:
     """LayerNorm (GPT-2) or RMSNorm: the same `weight` parameter name, so checkpoints keep their keys."""
-    if config.norm == "rmsnorm":
+    if config.norm == "rmsnorm":  # RMSNorm (Zhang & Sennrich 2019): rescaling alone works as well, for less
         return nn.RMSNorm(config.n_embd)
     return nn.LayerNorm(config.n_embd, bias=config.bias)
 
@@ -156,6 +160,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
+class Positions(NamedTuple):
+    """Where the T tokens of a forward pass sit, as attention needs it."""
+
+    pos: torch.Tensor  # (T,) absolute positions: the KV-cache slots they fill and may attend to
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # RoPE's cos and sin at pos, (T, hs / 2) each; None: learned
+
+
 class ReLU2(nn.Module):
     """relu(x)^2, the Primer activation (So et al. 2021): cheaper than GELU and better in speedruns."""
 
@@ -165,7 +176,8 @@ class ReLU2(nn.Module):
 
 class TokenShift(nn.Module):
     """x_t + w * x_(t-1) per channel, w learned (initialised to zero in GPT._init_weights: the model
-    starts as without it)."""
+    starts as without it). RWKV's token shift (Peng et al. 2023): each position sees its predecessor
+    before any attention, which a layer would otherwise spend its capacity on."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -181,6 +193,9 @@ class TokenShift(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention (Vaswani et al. 2017): every head mixes the values of the
+    positions up to and including this one, weighted by softmax(q . k / sqrt(hs))."""
+
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -194,13 +209,7 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.qk_norm = config.qk_norm
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cache: KVCache | None = None,
-        pos: torch.Tensor | None = None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, at: Positions, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         hs = C // self.n_head
@@ -209,12 +218,12 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         if self.qk_norm:  # unit-RMS queries and keys keep the attention logits from growing without bound
             q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
-        if rope is not None:  # positions enter here, as rotations, instead of being added to the input
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if at.rope is not None:  # positions enter here, as rotations, instead of being added to the input
+            q, k = apply_rope(q, *at.rope), apply_rope(k, *at.rope)
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v, pos)  # (B, nh, block_size, hs)
+            k, v = cache.update(self.layer_idx, k, v, at.pos)  # (B, nh, block_size, hs)
             # query at absolute position p sees the cache slots 0..p: causal, and blind to unfilled slots
-            attn_mask, is_causal = pos[:, None] >= cache.slots[None, :], False  # (T, block_size)
+            attn_mask, is_causal = at.pos[:, None] >= cache.slots[None, :], False  # (T, block_size)
         else:
             attn_mask, is_causal = None, True
         # scaled dot-product attention (Vaswani et al. 2017); PyTorch picks a fused kernel
@@ -227,6 +236,9 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """The position-wise feed-forward network (Vaswani et al. 2017), 4x wider inside: where each token
+    is computed on alone, after attention has gathered its context."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
@@ -251,19 +263,17 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cache: KVCache | None = None,
-        pos: torch.Tensor | None = None,
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, pos, rope)
+    def forward(self, x: torch.Tensor, at: Positions, cache: KVCache | None = None) -> torch.Tensor:
+        # the residual stream x is only ever added to, so gradients reach the first layer unchanged;
+        # normalising each sub-block's input, not its output, is what keeps deep stacks stable
+        x = x + self.attn(self.ln_1(x), at, cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
 
 class GPT(nn.Module):
+    """Embeddings, n_layer Blocks, a final norm and the language-model head: next-token logits."""
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -275,7 +285,7 @@ class GPT(nn.Module):
         modules.update(
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
-            ln_f=make_norm(config),
+            ln_f=make_norm(config),  # pre-norm blocks leave the residual stream un-normalised: GPT-2 adds this
         )
         self.transformer = nn.ModuleDict(modules)
         if config.pos_emb == "rope":  # derived from the config, so not saved in checkpoints
@@ -345,15 +355,16 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, hs / 2) each
         x = self.transformer.drop(x)
+        at = Positions(pos, rope)
         for block in self.transformer.h:
-            x = block(x, cache, pos, rope)
+            x = block(x, at, cache)
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
         if targets is None:
             x = x[:, -1:, :]  # generation needs the last position only
         logits = self.lm_head(x)  # (B, T, vocab_size), or (B, 1, vocab_size)
-        if self.config.logit_softcap:  # smoothly bounded logits: no token's score can run away
+        if self.config.logit_softcap:  # smoothly bounded logits (Gemma 2): no token's score can run away
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)
         if targets is None:
@@ -378,98 +389,9 @@ class GPT(nn.Module):
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
         return 6 * N + 12 * L * H * Q * T
 
-    @torch.inference_mode()
-    def generate_stream(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        use_cache: bool = True,
-        generator: torch.Generator | None = None,
-        with_logits: bool = False,
-    ) -> Iterator[torch.Tensor] | Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield max_new_tokens next tokens, each (B, 1), continuing the prompts idx (B, T); with
-        `with_logits`, pairs of the token and the float32 logits (B, vocab_size) it was drawn from
-        (before temperature and filtering: the model's own distribution, for log-probabilities).
-
-        With `use_cache` the prompt is encoded once and each step feeds one token. When the context
-        reaches block_size the oldest half of the window is dropped and the rest re-encoded (learned
-        position embeddings make a true sliding window impossible); up to block_size tokens the
-        result equals full recomputation (`use_cache=False`, which crops to the last block_size
-        tokens each step, as nanoGPT does).
-        """
-        block_size = self.config.block_size
-        if not use_cache:
-            for _ in range(max_new_tokens):
-                logits, _ = self(idx[:, -block_size:])
-                nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
-                idx = torch.cat((idx, nxt), dim=1)
-                yield (nxt, logits[:, -1, :].float()) if with_logits else nxt
-            return
-        param = self.lm_head.weight
-        # The cache holds keys and values in the dtype the attention projections produce: bfloat16 or
-        # float16 under autocast, so it takes half the memory and loses nothing (k and v were computed
-        # in that precision); the queries meet them in the same dtype, as in full recomputation.
-        cache = KVCache(self.config, idx.size(0), param.device, activation_dtype(param))
-        context = idx[:, -block_size:]
-        logits, _ = self(context, cache=cache)  # prefill
-        filled = context.size(1)  # = cache.length, counted here so the loop never waits on the device
-        for i in range(max_new_tokens):
-            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
-            yield (nxt, logits[:, -1, :].float()) if with_logits else nxt
-            if i == max_new_tokens - 1:
-                break
-            context = torch.cat((context, nxt), dim=1)
-            if filled == block_size:  # full: keep the newest half and re-encode it
-                context = context[:, -(block_size // 2 + 1) :]
-                cache.reset()
-                logits, _ = self(context, cache=cache)
-                filled = context.size(1)
-            else:
-                logits, _ = self(nxt, cache=cache)
-                filled += 1
-
-    @torch.inference_mode()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        """Return idx (B, T) extended by max_new_tokens sampled tokens, (B, T + max_new_tokens)."""
-        new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
-        return torch.cat([idx, *new], dim=1) if new else idx
+        """nanoGPT's `model.generate(idx, max_new_tokens, temperature=..., top_k=...)`: see generate.py,
+        where generation lives (imported here, not at the top: generate.py imports this module)."""
+        from nanogpt.generate import generate
 
-
-def sample_next(
-    logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Pick one token per row of logits (B, vocab) -> (B, 1).
-
-    temperature 0 means greedy (argmax). top_k keeps the k most likely tokens; top_p keeps the
-    smallest set of most likely tokens whose probability reaches p (nucleus sampling, Holtzman et
-    al. 2020). Both filter before sampling, so a token outside the kept set is never drawn.
-    """
-    # Under autocast the logits arrive in bfloat16/float16. The softmax, the cumulative sum of top_p
-    # and the sampling race run in float32: in 16 bits the small probabilities of a 50k vocabulary
-    # round to zero and a cumulative sum drifts by more than top_p's resolution.
-    logits = logits.float()
-    if temperature == 0.0:
-        return logits.argmax(dim=-1, keepdim=True)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(logits, descending=True, dim=-1)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p; the top token always stays
-        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
-        drop = drop_sorted.scatter(-1, sorted_idx, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    # argmax(p_i / E_i) with E_i ~ Exp(1) picks token i with probability p_i (the "exponential race"):
-    # the same distribution as torch.multinomial at half its cost, which matters one token at a time
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_(min=1e-30)
-    return (probs / race).argmax(dim=-1, keepdim=True)
+        return generate(self, idx, max_new_tokens, **kwargs)

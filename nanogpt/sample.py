@@ -23,6 +23,8 @@ from nanogpt.checkpoint import load_inference_model
 from nanogpt.config import option, parse_args
 from nanogpt.device import DTYPES, autocast, enable_tf32, resolve_device, resolve_dtype
 from nanogpt.errors import UserError, run_main
+from nanogpt.generate import generate as generate_tokens
+from nanogpt.generate import generate_stream
 from nanogpt.memory import SAMPLE_ADVICE, generation_bytes, is_out_of_memory, out_of_memory, require
 from nanogpt.tokenizer import GPT2_EOT, GPT2Tokenizer, Tokenizer
 
@@ -117,12 +119,12 @@ def generate(model, tok: Tokenizer, ids: list[int], o: SampleOptions, device: st
         if o.num_samples == 1:  # stream: print each token as soon as it is known
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             sys.stdout.write(tok.decode(ids))
-            for nxt in model.generate_stream(x, o.max_new_tokens, **kwargs):
+            for nxt in generate_stream(model, x, o.max_new_tokens, **kwargs):
                 sys.stdout.write(decoder.decode(tok.decode_bytes(nxt[0].tolist())))
                 sys.stdout.flush()
             sys.stdout.write(decoder.decode(b"", final=True) + "\n" + SEPARATOR + "\n")
         else:
-            y = model.generate(x, o.max_new_tokens, **kwargs)
+            y = generate_tokens(model, x, o.max_new_tokens, **kwargs)
             for row in y.tolist():
                 print(tok.decode(row))
                 print(SEPARATOR)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from nanogpt.device import autocast
+from nanogpt.generate import generate_stream
 from nanogpt.model import GPT
 from nanogpt.tokenizer import Tokenizer
 
@@ -197,7 +198,8 @@ class _Running:
         gen = torch.Generator(device=device)
         gen.manual_seed(job.seed if job.seed is not None else random.randrange(2**63))
         idx = torch.tensor([job.prompt_ids] * job.n, dtype=torch.long, device=device)
-        self.stream = engine.model.generate_stream(
+        self.stream = generate_stream(
+            engine.model,
             idx,
             job.max_tokens,
             temperature=job.temperature,
