@@ -1,4 +1,5 @@
-"""Training batches from the uint16 token files written by prepare.
+"""Training batches from the uint16 token files written by prepare: read third, with optim.py, after
+model.py and train.py (`TokenBatches.get_batch` is nanoGPT's get_batch; the README's "Read the code").
 
 Each split is opened once as a numpy memory map; a batch is one vectorised gather of
 `batch_size` random windows of block_size + 1 tokens (inputs and the targets shifted by one).
@@ -110,6 +111,8 @@ class TokenBatches:
     def get_batch(
         self, split: str, batch_size: int, generator: torch.Generator, device: str = "cpu"
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """batch_size random windows of the split: inputs x (B, T) and targets y (B, T), y being x shifted by
+        one token, so every position learns to predict the token after it."""
         data = self.data[split]
         ix = torch.randint(len(data) - self.block_size, (batch_size,), generator=generator).numpy()
         windows = torch.from_numpy(data[ix[:, None] + self._offsets].astype(np.int64))  # (B, T + 1)

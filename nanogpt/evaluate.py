@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanogpt.checkpoint import load_inference_model
-from nanogpt.config import option, parse_args
+from nanogpt.config import device_option, dtype_option, init_from_option, option, out_dir_option, parse_args
 from nanogpt.data import SPLITS, read_meta
 from nanogpt.device import autocast, enable_tf32, resolve_device, resolve_dtype
 from nanogpt.errors import UserError, run_main
+from nanogpt.inference import load_inference_model
 from nanogpt.model import GPT
 from nanogpt.sample import read_prompt
 from nanogpt.tokenizer import CharTokenizer, Tokenizer
@@ -37,17 +37,15 @@ from nanogpt.tokenizer import CharTokenizer, Tokenizer
 
 @dataclass
 class EvalOptions:
-    init_from: str = option(
-        "resume", "'resume' (the checkpoint in out_dir), gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a HF folder"
-    )
-    out_dir: str = option("out", "folder holding ckpt.pt (init_from=resume)")
+    init_from: str = init_from_option()
+    out_dir: str = out_dir_option("folder holding ckpt.pt (init_from=resume)")
     text: str = option("", "a UTF-8 text file to evaluate on; empty: --split of the dataset")
     split: str = option("val", "train or val: the prepared split to evaluate on when no --text is given")
     data_dir: str = option("", "the prepared dataset of --split; default: the one the checkpoint was trained on")
     max_tokens: int = option(0, "evaluate on the first this many tokens only (0: all)")
     batch_size: int = option(8, "windows per forward pass")
-    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = option("auto", "auto, float32, bfloat16 or float16 (as for sampling)")
+    device: str = device_option()
+    dtype: str = dtype_option()
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:

@@ -1,4 +1,5 @@
-"""Optimizers and learning-rate schedules.
+"""Optimizers and learning-rate schedules: read third, with data.py, after model.py and train.py
+(`get_lr` is nanoGPT's; the README's "Read the code").
 
 - AdamW (Loshchilov & Hutter 2019) for every parameter, nanoGPT's choice: weight decay on matrices and
   embeddings, none on biases and gains, as in GPT-2/3 practice.

@@ -19,12 +19,12 @@ from typing import Optional
 
 import torch
 
-from nanogpt.checkpoint import load_inference_model
-from nanogpt.config import option, parse_args
+from nanogpt.config import device_option, dtype_option, init_from_option, option, out_dir_option, parse_args
 from nanogpt.device import DTYPES, autocast, enable_tf32, resolve_device, resolve_dtype
 from nanogpt.errors import UserError, run_main
 from nanogpt.generate import generate as generate_tokens
 from nanogpt.generate import generate_stream
+from nanogpt.inference import load_inference_model
 from nanogpt.memory import SAMPLE_ADVICE, generation_bytes, is_out_of_memory, out_of_memory, require
 from nanogpt.tokenizer import GPT2_EOT, GPT2Tokenizer, Tokenizer
 
@@ -33,10 +33,8 @@ SEPARATOR = "---------------"
 
 @dataclass
 class SampleOptions:
-    init_from: str = option(
-        "resume", "'resume' (the checkpoint in out_dir), gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a HF folder"
-    )
-    out_dir: str = option("out", "folder holding ckpt.pt (ignored unless init_from=resume)")
+    init_from: str = init_from_option()
+    out_dir: str = out_dir_option("folder holding ckpt.pt (ignored unless init_from=resume)")
     start: str = option("\n", "the prompt; FILE:path reads it from a file")
     num_samples: int = option(10, "number of samples, generated together as one batch")
     max_new_tokens: int = option(500, "tokens generated per sample")
@@ -44,9 +42,9 @@ class SampleOptions:
     top_k: Optional[int] = option(200, "sample only among the k most likely tokens (None: no limit)")
     top_p: Optional[float] = option(None, "nucleus sampling: the smallest set of tokens with this total probability")
     seed: int = option(1337, "random seed")
-    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = option(
-        "auto", "auto (bfloat16 on recent GPUs, float16 on old ones, float32 elsewhere), float32, bfloat16, float16"
+    device: str = device_option()
+    dtype: str = dtype_option(
+        "auto (bfloat16 on recent GPUs, float16 on old ones, float32 elsewhere), float32, bfloat16, float16"
     )
     compile: bool = option(
         False,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from nanogpt.config import option
+from nanogpt.config import device_option, option
 from nanogpt.errors import UserError
 from nanogpt.model import GPTConfig
 from nanogpt.optim import OPTIMIZERS, SCHEDULES
@@ -110,7 +110,7 @@ class TrainOptions:
     activation_checkpointing: bool = option(
         False, "recompute each block's activations during backward instead of keeping them: less memory, more compute"
     )
-    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    device: str = device_option()
     dtype: str = option(
         "auto",
         "auto (bfloat16 on recent GPUs, float16 with loss scaling on old ones, float32 elsewhere), float32, "

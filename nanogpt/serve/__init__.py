@@ -18,16 +18,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from nanogpt.config import option, parse_args
+from nanogpt.config import device_option, dtype_option, init_from_option, option, out_dir_option, parse_args
 from nanogpt.errors import UserError, run_main
 
 
 @dataclass
 class ServeOptions:
-    init_from: str = option(
-        "resume", "'resume' (the checkpoint in out_dir), gpt2 / gpt2-medium / gpt2-large / gpt2-xl, or a HF folder"
-    )
-    out_dir: str = option("out", "folder holding ckpt.pt and metrics.jsonl (init_from=resume)")
+    init_from: str = init_from_option()
+    out_dir: str = out_dir_option("folder holding ckpt.pt and metrics.jsonl (init_from=resume)")
     host: str = option("127.0.0.1", "address to listen on; 0.0.0.0 exposes the server to your network")
     port: int = option(8000, "TCP port (0: any free port, printed at start)")
     api_key: str = option("", "require 'Authorization: Bearer KEY' on the API (empty: no key)")
@@ -38,8 +36,8 @@ class ServeOptions:
     max_tokens: int = option(
         1024, "the most tokens one request may generate; past block_size the model's window slides, as in sample.py"
     )
-    device: str = option("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    dtype: str = option("auto", "auto, float32, bfloat16 or float16 (as for sampling)")
+    device: str = device_option()
+    dtype: str = dtype_option()
 
     def __post_init__(self) -> None:
         if self.max_active < 1 or self.queue_size < 0 or self.max_n < 1 or self.max_tokens < 1:
@@ -61,8 +59,8 @@ def build_app(o: ServeOptions):
         import uvicorn  # noqa: F401
     except ImportError:
         raise UserError("nanogpt serve needs FastAPI and uvicorn: pip install 'nanogpt[serve]'.") from None
-    from nanogpt.checkpoint import load_inference_model
     from nanogpt.device import enable_tf32, resolve_device, resolve_dtype
+    from nanogpt.inference import load_inference_model
     from nanogpt.metrics import METRICS_NAME
     from nanogpt.serve.app import create_app
     from nanogpt.serve.engine import Engine
