@@ -1,11 +1,7 @@
-"""Sample text from a trained model or from OpenAI's GPT-2.
+"""Sample text from a trained model or from OpenAI's GPT-2 (its --help is USAGE below).
 
-    python sample.py --out_dir=out-shakespeare-char
-    python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=5
-    python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt
-
-All samples are generated together as one batch with a KV cache. With --num_samples=1 the text
-streams to the terminal as it is generated.
+Read it fifth and last, after generate.py (the README's "Read the code"): nanoGPT's sample.py, the
+command around the sampling loop: load a model, encode the prompt, generate, decode, print.
 """
 
 from __future__ import annotations
@@ -29,6 +25,15 @@ from nanogpt.memory import SAMPLE_ADVICE, generation_bytes, is_out_of_memory, ou
 from nanogpt.tokenizer import GPT2_EOT, GPT2Tokenizer, Tokenizer
 
 SEPARATOR = "---------------"
+USAGE = """Sample text from a trained model or from OpenAI's GPT-2.
+
+    python sample.py --out_dir=out-shakespeare-char
+    python sample.py --init_from=gpt2-xl --start="What is the answer to life?" --num_samples=5
+    python sample.py --out_dir=out-shakespeare-char --start=FILE:prompt.txt
+
+All samples are generated together as one batch with a KV cache. With --num_samples=1 the text
+streams to the terminal as it is generated.
+"""
 
 
 @dataclass
@@ -89,7 +94,7 @@ def encode_prompt(tok: Tokenizer, text: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    o, _ = parse_args(SampleOptions, argv, "python sample.py", __doc__ or "")
+    o, _ = parse_args(SampleOptions, argv, "python sample.py", USAGE)
     device = resolve_device(o.device)
     dtype = resolve_dtype(o.dtype, device)
     torch.manual_seed(o.seed)
