@@ -5,8 +5,7 @@
 Solid lines are the train loss logged every log_interval iterations (one micro-batch each, so noisy),
 dots joined by dashes the val loss at each evaluation, one colour per run, labelled by its folder.
 matplotlib draws them with its headless Agg backend: pip install 'nanogpt[plot]'. A training run also
-refreshes <out_dir>/loss.png at each evaluation when matplotlib is installed, by running this command in a
-child process (PlotRefresher), so that matplotlib never weighs on the training process.
+refreshes <out_dir>/loss.png at each evaluation when matplotlib is installed.
 """
 
 from __future__ import annotations

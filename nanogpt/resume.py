@@ -13,7 +13,7 @@ import random
 import shlex
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -94,7 +94,9 @@ class TrainState:
     best_val_loss: float = 1e9
     train_seconds: float = 0.0  # evaluations excluded: what --max_seconds budgets
 
-    def save(self, o: TrainOptions, reason: str, out_dir: Path, at: Place, say=None) -> Path:
+    def save(
+        self, o: TrainOptions, reason: str, out_dir: Path, at: Place, say: Callable[[str], None] | None = None
+    ) -> Path:
         """Save this state as a checkpoint, single file or sharded (checkpoint.save), with every process's
         random states for an exact resume at any number of processes. Every rank calls it."""
         rank_rngs = gather_rng_states(rng_state(self.data_gens), at)  # a collective: every rank takes part
@@ -189,9 +191,10 @@ class StopRequest:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def save_and_exit(self, signal_name: str, state: TrainState, o: TrainOptions, out_dir: Path, log) -> None:
+    def save_and_exit(self, signal_name: str, state: TrainState, o: TrainOptions, out_dir: Path, log: Any) -> None:
         """Stopped between iterations (every process at the same one): save interrupt.pt, or with --fsdp a
-        sharded interrupt.dcp, with every process's random states; say how to resume; exit 130 or 143."""
+        sharded interrupt.dcp, with every process's random states; say how to resume; exit 130 or 143.
+        log: the run's report.TrainLog, closed before the message so it stays the last line."""
         log.watch.check()  # never save a diverged model
         saved = state.save(o, "interrupt", out_dir, self.at)
         if self.at.master:
