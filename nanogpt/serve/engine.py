@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
+import logging
 import random
 import threading
 import time
@@ -29,6 +30,8 @@ from nanogpt.device import autocast
 from nanogpt.generate import generate_stream
 from nanogpt.model import GPT
 from nanogpt.tokenizer import Tokenizer
+
+log = logging.getLogger("nanogpt.serve")
 
 
 @dataclass
@@ -58,6 +61,14 @@ class Failed:
 
 class Busy(Exception):
     """The queue is full."""
+
+
+class Stopped(Exception):
+    """The engine takes no more jobs: it was closed, told to stop accepting (SIGTERM drain), or its worker died."""
+
+
+class TooLarge(Exception):
+    """A job whose rows' KV caches alone exceed the engine's whole memory budget: it could never start."""
 
 
 @dataclass
@@ -131,62 +142,130 @@ class StopStrings:
 
 
 class Engine:
-    def __init__(self, model: GPT, tok: Tokenizer, device: str, dtype: str, max_active: int = 16, queue_size: int = 64):
+    """The worker thread and its queue. `max_batch` and `kv_budget_bytes` are continuous batching's
+    (the most jobs in one forward pass, 0 = no limit; the KV caches' memory budget, None = from the device)."""
+
+    def __init__(
+        self,
+        model: GPT,
+        tok: Tokenizer,
+        device: str,
+        dtype: str,
+        max_active: int = 16,
+        queue_size: int = 64,
+        max_batch: int = 0,
+        kv_budget_bytes: int | None = None,
+    ):
         self.model, self.tok, self.device, self.dtype = model, tok, device, dtype
-        self.max_active, self.queue_size = max_active, queue_size
+        self.max_active, self.queue_size, self.max_batch = max_active, queue_size, max_batch
+        self.kv_budget_bytes = kv_budget_bytes
         self.waiting: collections.deque[Job] = collections.deque()
         self.active: list[_Running] = []
         self.cond = threading.Condition()
-        self.closed = False
+        self.closed = False  # close() was called: the worker fails what is left and returns
+        self.accepting = True  # stop_accepting() turns it off: submit raises Stopped, in-flight jobs finish
+        self.counters = {"prompt_tokens_total": 0, "generated_tokens_total": 0, "requests_total": 0}
         self.thread = threading.Thread(target=self._run, name="nanogpt-engine", daemon=True)
         self.thread.start()
 
     # --------------------------------------------------------------- the asyncio side
 
+    @property
+    def alive(self) -> bool:
+        """The worker thread is running: False after close() or if it ever stopped on an error."""
+        return self.thread.is_alive() and not self.closed
+
     def submit(self, job: Job) -> None:
+        """Queue `job`; raise Stopped when the engine takes no more jobs, Busy when there is no room."""
         with self.cond:
-            if len(self.waiting) >= self.queue_size:  # full: first drop the requests their clients left
+            if not self.accepting or not self.alive:
+                raise Stopped("the server is not accepting requests")
+            # the waiting room holds queue_size jobs beyond those a free slot takes at once
+            room = self.queue_size + max(0, self.max_active - len(self.active))
+            if len(self.waiting) >= room:  # full: first drop the requests their clients left
                 self.waiting = collections.deque(j for j in self.waiting if not j.cancelled.is_set())
-            if len(self.waiting) >= self.queue_size:
+            if len(self.waiting) >= room:
                 raise Busy
             self.waiting.append(job)
-            self.cond.notify()
+            self.counters["requests_total"] += 1
+            self.cond.notify_all()
 
     def stats(self) -> dict[str, int]:
         with self.cond:
-            return {"active": len(self.active), "waiting": sum(not j.cancelled.is_set() for j in self.waiting)}
+            waiting = sum(not j.cancelled.is_set() for j in self.waiting)
+            return {"active": len(self.active), "waiting": waiting, **self.counters}
+
+    def stop_accepting(self) -> None:
+        """Refuse new jobs (submit raises Stopped) while the jobs in flight and waiting finish: SIGTERM's drain."""
+        with self.cond:
+            self.accepting = False
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no job is active or waiting (or the worker stopped); False if `timeout` passed first."""
+        with self.cond:
+            return self.cond.wait_for(lambda: not (self.active or self.waiting) or not self.thread.is_alive(), timeout)
 
     def close(self) -> None:
+        """Fail every job in flight or waiting with "the server is shutting down" and join the worker."""
         with self.cond:
             self.closed = True
-            self.cond.notify()
-        self.thread.join(timeout=10)
+            self.accepting = False
+            self.cond.notify_all()
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout=10)
 
     # --------------------------------------------------------------- the worker thread
 
     def _run(self) -> None:
-        with torch.inference_mode(), autocast(self.device, self.dtype):  # autocast is per thread: set it here
-            while True:
-                with self.cond:
-                    while len(self.active) < self.max_active and self.waiting:
-                        job = self.waiting.popleft()
-                        if not job.cancelled.is_set():  # its client left while it waited
-                            self.active.append(_Running(self, job))
-                    if self.closed:
-                        return
-                    if not self.active:
-                        self.cond.wait()
-                        continue
-                    running = list(self.active)
-                for r in running:
-                    try:
-                        finished = r.job.cancelled.is_set() or r.step()
-                    except Exception as e:  # one bad request must not stop the server
-                        r.job.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
-                        finished = True
-                    if finished:
-                        with self.cond:
-                            self.active.remove(r)
+        try:
+            with torch.inference_mode(), autocast(self.device, self.dtype):  # autocast is per thread: set it here
+                while self._step():
+                    pass
+        except BaseException:  # a bug in the engine itself: log it, and fail every job instead of leaving them hanging
+            log.exception("the generation engine stopped")
+        finally:
+            with self.cond:
+                message = "the server is shutting down" if self.closed else "the generation engine stopped"
+                jobs = [r.job for r in self.active] + list(self.waiting)
+                self.active.clear()
+                self.waiting.clear()
+                self.accepting = False
+                self.cond.notify_all()
+            for job in jobs:
+                job.emit(Failed(message))
+
+    def _step(self) -> bool:
+        """Admit waiting jobs, then advance every active job by one token; False once closed."""
+        with self.cond:
+            self.waiting = collections.deque(j for j in self.waiting if not j.cancelled.is_set())
+            while not self.closed and not self.active and not self.waiting:
+                self.cond.wait()
+            if self.closed:
+                return False
+            while len(self.active) < self.max_active and self.waiting:
+                job = self.waiting.popleft()
+                running = self._guarded(job, _Running, self, job)
+                if running is not None:
+                    self.active.append(running)
+                    self.counters["prompt_tokens_total"] += len(job.prompt_ids)  # once per request, as usage counts
+            running = list(self.active)
+        for r in running:
+            finished = self._guarded(r.job, r.advance)
+            with self.cond:
+                if finished is not False:  # True, or None: it failed
+                    self.active.remove(r)
+                    self.cond.notify_all()
+        return True
+
+    def _guarded(self, job: Job, work: Any, *args: Any) -> Any:
+        """work(*args) for one job; if it raises, that job alone fails (a generic message; the detail goes to the
+        log) and None is returned."""
+        try:
+            return work(*args)
+        except Exception:  # one bad request must not stop the server
+            log.exception("generation failed for a request")
+            job.emit(Failed("generation failed"))
+            return None
 
 
 class _Running:
@@ -196,7 +275,8 @@ class _Running:
         self.engine, self.job = engine, job
         device = engine.device
         gen = torch.Generator(device=device)
-        gen.manual_seed(job.seed if job.seed is not None else random.randrange(2**63))
+        # any integer a client sends is a seed: folded into the 64 bits manual_seed accepts
+        gen.manual_seed(job.seed % 2**64 if job.seed is not None else random.randrange(2**63))
         idx = torch.tensor([job.prompt_ids] * job.n, dtype=torch.long, device=device)
         self.stream = generate_stream(
             engine.model,
@@ -213,6 +293,10 @@ class _Running:
         self.open = set(range(job.n))  # choices still generating
         self.generated = 0  # completion tokens, summed over choices
         self.steps = 0
+
+    def advance(self) -> bool:
+        """One token for every open choice, unless the client left; True when the job is over."""
+        return self.job.cancelled.is_set() or self.step()
 
     def step(self) -> bool:
         """Generate one token for every open choice; True when the job is complete."""
@@ -231,6 +315,7 @@ class _Running:
         last = self.steps == self.job.max_tokens
         for c in sorted(self.open):
             self.generated += 1
+            self.engine.counters["generated_tokens_total"] += 1  # only this thread writes it
             text = self.decoders[c].decode(self.engine.tok.decode_bytes([ids[c]]), final=last)
             token = Token(c, text, logprobs[c] if logprobs else None, top[c] if top is not None else None)
             released, stopped = self.stops[c].push(token)
