@@ -98,6 +98,8 @@ def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:
         with atomic_open(path) as f:
             torch.save(ckpt, f)
     except (OSError, RuntimeError) as e:
+        if isinstance(e.__context__, KeyboardInterrupt):  # a second Ctrl-C mid-write, which torch's zip writer
+            raise e.__context__ from None  # turns into a RuntimeError: it stops the run at once, as Ctrl-C does
         # torch.save reports a failed write (disk full...) as a RuntimeError whose context is the OSError
         if not isinstance(e, OSError):
             e = e.__context__
