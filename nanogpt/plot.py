@@ -10,7 +10,9 @@ refreshes <out_dir>/loss.png at each evaluation when matplotlib is installed.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -105,18 +107,23 @@ def plot_runs(out_dirs: Sequence[str | Path], to: str | Path, x: str = "iter", l
 
 
 class PlotRefresher:
-    """Redraws <out_dir>/loss.png whenever asked, in a child process (`python -m nanogpt.plot`), so that the
-    training process never imports matplotlib: importing it takes a second or more and stays resident (some
-    35 MiB of a small CPU run's peak memory). One child at a time: requests that arrive while one draws collapse
-    into one more drawing, started when it ends; close() draws a last time and waits for it (each child gets
-    DRAW_TIMEOUT_S, then is killed). A background thread only starts the children and waits for them."""
+    """Redraws <out_dir>/loss.png whenever asked, in a child process, so that the training process never
+    imports matplotlib (some 35 MiB of a small CPU run's peak memory). One child serves the whole run: started
+    with the refresher, it imports matplotlib once and redraws the picture for each line it reads, running only
+    on a core that training leaves idle (SCHED_IDLE). Requests that arrive while it draws collapse into one more
+    drawing; close() draws a last time, waits for it (DRAW_TIMEOUT_S at most, then the child is killed) and
+    ends the child. A background thread only talks to the child."""
 
-    DRAW_TIMEOUT_S = 60.0  # a drawing takes about a second; the first one may also build matplotlib's font cache
+    DRAW_TIMEOUT_S = 60.0  # a drawing takes well under a second; the first one also imports matplotlib
+    CHILD_CODE = "import sys; from nanogpt.plot import draw_on_request; draw_on_request(sys.argv[1])"
 
     def __init__(self, out_dir: Path):
         self.out_dir = out_dir
         self.wanted = threading.Event()
         self.closing = False
+        self.child: subprocess.Popen | None = None
+        with contextlib.suppress(OSError):  # started now, so that it imports matplotlib while training sets up
+            self.child = self._start_child()
         self.thread = threading.Thread(target=self._run, name="nanogpt-plot", daemon=True)
         self.thread.start()
 
@@ -129,51 +136,91 @@ class PlotRefresher:
         self.thread.join()  # bounded: at most the drawing under way and the last one, each killed at the timeout
 
     def _run(self) -> None:
-        while True:
-            self.wanted.wait()
-            self.wanted.clear()
-            closing = self.closing  # read before drawing: a close() during the drawing gets one more
-            problem = self._draw()
-            if problem:  # a plot is a convenience: never stop training for it, and stop trying
-                print(
-                    f"warning: could not draw {self.out_dir / 'loss.png'} ({problem}); training goes on.",
-                    file=sys.stderr,
-                )
-                return
-            if closing:
-                return
+        try:
+            while True:
+                self.wanted.wait()
+                self.wanted.clear()
+                closing = self.closing  # read before drawing: a close() during the drawing gets one more
+                problem = self._draw()
+                if problem:  # a plot is a convenience: never stop training for it, and stop trying
+                    print(
+                        f"warning: could not draw {self.out_dir / 'loss.png'} ({problem}); training goes on.",
+                        file=sys.stderr,
+                    )
+                    return
+                if closing:
+                    return
+        finally:
+            self._end_child()
 
     def _draw(self) -> str | None:
-        """Run one drawing child to its end; why it failed, or None when it drew or had nothing to draw yet."""
-        out_dir = self.out_dir.resolve()  # the child's argument never looks like a flag; the label is the same
-        argv = [sys.executable, "-m", "nanogpt.plot", str(out_dir), f"--to={out_dir / 'loss.png'}"]
+        """Have the child draw once; why it failed, or None when it drew or had nothing to draw yet."""
+        try:
+            if self.child is None:
+                self.child = self._start_child()
+            self.child.stdin.write(b"draw\n")
+            self.child.stdin.flush()
+        except OSError as e:  # no interpreter to start, or a child that has died
+            return self._last_error() or str(e)
+        if not select.select([self.child.stdout], [], [], self.DRAW_TIMEOUT_S)[0]:
+            return f"the drawing took over {self.DRAW_TIMEOUT_S:.0f} s"
+        answer = self.child.stdout.readline().decode(errors="replace").strip()
+        if answer in ("drawn", "nothing to draw"):  # the latter: no complete record yet, or an unwritable folder
+            return None
+        return answer or self._last_error() or f"the drawing process ended with status {self.child.wait()}"
+
+    def _start_child(self) -> subprocess.Popen:
         env = dict(os.environ)
         # the child imports this very package, even from a checkout that is not installed (python train.py)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(Path(__file__).parents[1])]))
-        with tempfile.TemporaryFile() as err:  # a file, not a pipe: a long traceback can never block the child
-            try:
-                # its own session: the terminal's Ctrl-C goes to training, whose close() then waits for the child
-                child = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL,
-                    stderr=err,
-                    env=env,
-                    start_new_session=True,
-                )
-            except OSError as e:
-                return str(e)
-            try:
-                code = child.wait(self.DRAW_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()  # reaped: no zombie left behind
-                return f"the drawing took over {self.DRAW_TIMEOUT_S:.0f} s"
-            if code in (0, 2):  # 2: a UserError, such as no complete record logged yet
-                return None
-            err.seek(0)
-            lines = err.read().decode(errors="replace").strip().splitlines()
-            return lines[-1] if lines else f"exit status {code}"
+        self.errors = tempfile.TemporaryFile()  # a file, not a pipe: a long traceback can never block the child
+        # its own session: the terminal's Ctrl-C goes to training, whose close() then ends the child
+        argv = [sys.executable, "-c", self.CHILD_CODE, str(self.out_dir.resolve())]
+        return subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors, env=env, start_new_session=True
+        )
+
+    def _last_error(self) -> str:
+        if self.child is None:
+            return ""
+        self.errors.seek(0)
+        lines = self.errors.read().decode(errors="replace").strip().splitlines()
+        return lines[-1] if lines else ""
+
+    def _end_child(self) -> None:
+        """Close the child's input (it exits at the end of it), kill it if it lingers, and reap it."""
+        if self.child is None:
+            return
+        with contextlib.suppress(OSError):
+            self.child.stdin.close()
+        try:
+            self.child.wait(self.DRAW_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.child.kill()
+            self.child.wait()  # reaped: no zombie left behind
+        self.errors.close()
+
+
+def draw_on_request(out_dir: str) -> None:
+    """PlotRefresher's child: for each line read, redraw <out_dir>/loss.png and answer one line ("drawn",
+    "nothing to draw", or what went wrong); the end of the input ends it."""
+    try:  # training comes first: run only on a core it leaves idle (Linux), else at a low priority
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(10)
+    with contextlib.suppress(UserError):
+        new_figure()  # import matplotlib now, while training sets up, rather than at the first drawing
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout = sys.stderr  # whatever a library prints stays out of the answers
+    for _ in sys.stdin:
+        try:
+            plot_runs([out_dir], Path(out_dir) / "loss.png")
+            answer = "drawn"
+        except UserError:
+            answer = "nothing to draw"
+        except Exception as e:  # reported once by the parent, which then stops asking
+            answer = f"{type(e).__name__}: {e}".replace("\n", " ")
+        print(answer, file=answers, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -115,25 +115,26 @@ def test_training_draws_loss_png_without_importing_matplotlib(
     assert not list(out.glob(".loss.png.*"))
 
 
-# Stands in for the interpreter PlotRefresher starts: logs each start, notes any overlap with another one.
-FAKE_PYTHON = """#!/bin/sh
-mkdir "$FAKE_DIR/running" 2>/dev/null || echo overlap >> "$FAKE_DIR/log"
-echo start >> "$FAKE_DIR/log"
-sleep 0.3
-rmdir "$FAKE_DIR/running"
-echo "$FAKE_ERROR" >&2
-exit "$FAKE_CODE"
+# Stands in for PlotRefresher's drawing child: logs each request, takes 0.3 s, answers FAKE_ANSWER, or
+# prints "boom" to stderr and exits with status 1 when FAKE_ANSWER is "crash".
+FAKE_CHILD = """
+import os, sys, time
+for line in sys.stdin:
+    with open(os.path.join(os.environ["FAKE_DIR"], "log"), "a") as log:
+        log.write("start\\n")
+    time.sleep(0.3)
+    if os.environ["FAKE_ANSWER"] == "crash":
+        sys.exit("boom")
+    print(os.environ["FAKE_ANSWER"], flush=True)
 """
 
 
-def fake_python(tmp_path, monkeypatch, code: int, error: str = "") -> Path:
-    script = tmp_path / "fake-python"
-    script.write_text(FAKE_PYTHON)
-    script.chmod(0o755)
-    monkeypatch.setattr("sys.executable", str(script))
+def fake_child(tmp_path, monkeypatch, answer: str) -> Path:
+    from nanogpt.plot import PlotRefresher
+
+    monkeypatch.setattr(PlotRefresher, "CHILD_CODE", FAKE_CHILD)
     monkeypatch.setenv("FAKE_DIR", str(tmp_path))
-    monkeypatch.setenv("FAKE_CODE", str(code))
-    monkeypatch.setenv("FAKE_ERROR", error)
+    monkeypatch.setenv("FAKE_ANSWER", answer)
     return tmp_path / "log"
 
 
@@ -148,7 +149,7 @@ def wait_for_line(log: Path) -> None:
 def test_requests_during_a_drawing_collapse_into_one_more(tmp_path, monkeypatch, capsys):
     from nanogpt.plot import PlotRefresher
 
-    log = fake_python(tmp_path, monkeypatch, code=0)
+    log = fake_child(tmp_path, monkeypatch, "drawn")
     p = PlotRefresher(tmp_path)
     p.request()
     wait_for_line(log)  # the first drawing is under way
@@ -157,21 +158,27 @@ def test_requests_during_a_drawing_collapse_into_one_more(tmp_path, monkeypatch,
     p.close()  # waits for the first drawing, then draws once for all the requests and the close
     assert log.read_text().split() == ["start", "start"]
     assert capsys.readouterr().err == ""
+    assert p.child.returncode == 0  # the child ended with its input, and was reaped
 
 
-@pytest.mark.parametrize(("code", "warned"), [(1, True), (2, False)], ids=["crash", "user-error"])
-def test_a_failing_drawing_never_stops_training(tmp_path, monkeypatch, capsys, code, warned):
+@pytest.mark.parametrize(
+    ("answer", "warning"),
+    [("crash", "(boom)"), ("ValueError: bad data", "(ValueError: bad data)"), ("nothing to draw", None)],
+    ids=["crash", "error", "nothing-yet"],
+)
+def test_a_failing_drawing_never_stops_training(tmp_path, monkeypatch, capsys, answer, warning):
     from nanogpt.plot import PlotRefresher
 
-    log = fake_python(tmp_path, monkeypatch, code=code, error="boom")
+    log = fake_child(tmp_path, monkeypatch, answer)
     p = PlotRefresher(tmp_path)
     p.request()
     wait_for_line(log)
     p.close()
     err = capsys.readouterr().err
-    if warned:  # a crash is reported once, and no drawing is tried again
-        assert "could not draw" in err and "(boom); training goes on" in err
+    if warning:  # a failure is reported once, and no drawing is tried again
+        assert "could not draw" in err and f"{warning}; training goes on" in err
         assert log.read_text().split() == ["start"]
-    else:  # a UserError (nothing logged yet, say) is silent, and the close still draws
+    else:  # nothing complete logged yet (a UserError in the child) is silent, and the close still draws
         assert err == ""
         assert log.read_text().split() == ["start", "start"]
+    assert p.child.returncode is not None  # reaped
