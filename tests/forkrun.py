@@ -238,6 +238,32 @@ if os.environ.get("NANOGPT_TEST_LOSSES"):
 """
 
 
+def failing_atomic_open(real_atomic_open: Callable, error: Callable[[], BaseException], after: int = 4096):
+    """atomic_open whose files raise error() once more than `after` bytes are written: a disk that fills up,
+    or a Ctrl-C, in the middle of torch.save."""
+    import contextlib
+
+    class FailingFile:
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > after:
+                raise error()
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    @contextlib.contextmanager
+    def failing(path):
+        with real_atomic_open(path) as f:
+            yield FailingFile(f)
+
+    return failing
+
+
 def train_main():
     from nanogpt.train import main
 

@@ -292,32 +292,13 @@ def test_out_dir_not_writable(work):
 
 def disk_fills_up() -> None:
     """In the child: checkpoint writes fail with ENOSPC after the first 4 KB, in the middle of torch.save."""
-    import contextlib
     import os
 
     from nanogpt.checkpoint import file as checkpoint  # the single-file format writes through atomic_open
 
-    real_atomic_open = checkpoint.atomic_open
-
-    class FillingFile:
-        def __init__(self, f):
-            self.f, self.written = f, 0
-
-        def write(self, data):
-            self.written += len(data)
-            if self.written > 4096:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return self.f.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-    @contextlib.contextmanager
-    def filling_atomic_open(path):
-        with real_atomic_open(path) as f:
-            yield FillingFile(f)
-
-    checkpoint.atomic_open = filling_atomic_open
+    checkpoint.atomic_open = fr.failing_atomic_open(
+        checkpoint.atomic_open, lambda: OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    )
 
 
 def test_disk_full_during_a_save_keeps_the_previous_checkpoint(work):

@@ -195,33 +195,14 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temp_files(tmp_path, monke
 def test_ctrl_c_inside_torch_save_stops_as_ctrl_c_and_keeps_the_old_file(tmp_path, monkeypatch):
     """A KeyboardInterrupt raised while torch's zip writer is mid-record comes out of torch.save as a
     RuntimeError ("unexpected pos"); the save must stop as Ctrl-C does, not as a bug."""
-    import contextlib
+    import forkrun
 
     from nanogpt.checkpoint import file
 
     path = tmp_path / "ckpt.pt"
     save_checkpoint(path, make_ckpt(seed=0))
-    before, real_atomic_open = path.read_bytes(), file.atomic_open
-
-    class InterruptedFile:
-        def __init__(self, f):
-            self.f, self.written = f, 0
-
-        def write(self, data):
-            self.written += len(data)
-            if self.written > 4096:
-                raise KeyboardInterrupt
-            return self.f.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-    @contextlib.contextmanager
-    def interrupted_open(p):
-        with real_atomic_open(p) as f:
-            yield InterruptedFile(f)
-
-    monkeypatch.setattr(file, "atomic_open", interrupted_open)
+    before = path.read_bytes()
+    monkeypatch.setattr(file, "atomic_open", forkrun.failing_atomic_open(file.atomic_open, KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, make_ckpt(seed=1))
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["ckpt.pt"]
