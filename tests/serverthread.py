@@ -72,7 +72,8 @@ class Server:
             self.model.forward = slow_forward
         engine_kwargs = {k: app_kwargs.pop(k) for k in ("max_active", "queue_size") if k in app_kwargs}
         self.engine = Engine(self.model, self.tok, "cpu", "float32", **engine_kwargs)
-        self.background = BackgroundServer(create_app(self.engine, MODEL_ID, **app_kwargs))
+        self.app = create_app(self.engine, MODEL_ID, **app_kwargs)
+        self.background = BackgroundServer(self.app)
         self.url = self.background.url
 
     def client(self, api_key: str = "none", **kwargs) -> openai.OpenAI:

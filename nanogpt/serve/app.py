@@ -5,23 +5,30 @@
     POST /v1/completions       prompt -> text; stream, n, stop, seed, logprobs (and top_k, as vLLM)
     POST /v1/chat/completions  messages rendered as plain text ("User: ...\\nAssistant:"), the same options
     GET  /api/metrics          the run's metrics.jsonl records (the page's loss curve)
-    GET  /health               {"status": "ok", "active": jobs generating, "waiting": jobs queued}
+    GET  /metrics              the server's own figures in Prometheus' text format (requests, tokens, latencies)
+    GET  /health               {"status": "ok", "active": jobs generating, "waiting": jobs queued, counters};
+                               503 with "stopped" or "draining" when the server cannot take requests
 
 Requests are validated by pydantic models that forbid unknown fields; every error, validation or
-not, comes back as {"error": {"message", "type", "param", "code"}} with status 400, 401, 404 or 429,
-which the official `openai` client raises as its own exceptions.
+not, comes back as {"error": {"message", "type", "param", "code"}} with status 400, 401, 403, 404, 413, 429,
+500 or 503, which the official `openai` client raises as its own exceptions. Nothing a client sends stops
+the server: what can be refused before the body is read (a foreign Host, a missing key, a stopped or
+draining server, a body too large) is refused by `Guard`, a middleware; what a handler lets slip becomes a
+generic 500, its detail in the `nanogpt.serve` log; a client that leaves cancels its job.
 
 Advanced machinery: a first read of nanogpt skips it (model.py, train.py, data.py and optim.py, then
 generate.py and sample.py come first); engine.py does the generating, this file only speaks HTTP. It holds,
 top to bottom: the request shapes (pydantic), `Server` (the engine and the limits, which every handler
-needs), a job's events turned into a response (`Reply`: streamed or whole, worded by `CompletionReply` or
-`ChatReply`), the handlers as plain functions, and `create_app`, which binds a Server to them via app.state.
+needs), `Telemetry` (what /metrics reports), a job's events turned into a response (`Reply`: streamed or
+whole, worded by `CompletionReply` or `ChatReply`), the handlers as plain functions, `Guard`, and
+`create_app`, which binds a Server to them via app.state.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -31,18 +38,32 @@ from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from nanogpt.errors import UserError
 from nanogpt.metrics import read_metrics
-from nanogpt.serve.engine import Busy, Done, Engine, Failed, Finish, Job, Token
+from nanogpt.serve.engine import Busy, Done, Engine, Failed, Finish, Job, Stopped, Token, TooLarge
 
 STATIC = Path(__file__).parent / "static"
 MAX_LOGPROBS = 5  # OpenAI's limit for completions
+MAX_STOPS = 4  # OpenAI's limit
 CHAT_DEFAULT_TOKENS = 256  # a chat request without max_tokens
+WATCH_S = 0.25  # how often a request waiting for its tokens checks that its client and the worker are still there
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")  # the names a request to a loopback server may carry in Host
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"  # the text format every Prometheus version reads
+
+SERVER_ERROR = "The server had an error while processing your request; the details are in the server's log."
+STOPPED = "The server's generation worker has stopped, so it cannot answer requests; restart the server."
+DRAINING = "The server is shutting down and takes no new requests; retry in a moment or on another server."
+
+log = logging.getLogger("nanogpt.serve")
 
 
 class APIError(Exception):
@@ -54,6 +75,10 @@ def error_response(status: int, message: str, type: str, param: str | None = Non
     headers = {"Retry-After": "1"} if status == 429 else None
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def as_response(e: APIError) -> JSONResponse:
+    return error_response(e.status, e.message, e.type, e.param)
 
 
 # ----------------------------------------------------------------------------- request shapes
@@ -81,7 +106,7 @@ class SamplingFields(BaseModel):
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
+        if len(stops) > MAX_STOPS or any(not s for s in stops):
             raise APIError(400, "stop must be a non-empty string or a list of up to 4 non-empty strings.", param="stop")
         return stops
 
@@ -119,7 +144,86 @@ def _is_type_name(x: object) -> bool:
     return isinstance(x, str) and (x in ("str", "int", "float", "bool", "list", "dict") or "[" in x)
 
 
+# ----------------------------------------------------------------------------- what /metrics reports
+
+
+class EngineFigures:
+    """A prometheus_client collector: the engine's stats(), read under its lock at each scrape."""
+
+    GAUGES = {
+        "active": ("nanogpt_requests_running", "Requests generating now."),
+        "waiting": ("nanogpt_requests_waiting", "Requests queued for a free slot."),
+    }
+    COUNTERS = {
+        "prompt_tokens_total": ("nanogpt_prompt_tokens", "Prompt tokens of the requests started (once per request)."),
+        "generated_tokens_total": ("nanogpt_generation_tokens", "Tokens generated, over all choices."),
+        "requests_total": ("nanogpt_requests_admitted", "Requests the engine took into its queue."),
+    }
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        stats = self.engine.stats()
+        for key, (name, doc) in self.GAUGES.items():
+            yield GaugeMetricFamily(name, doc, value=stats[key])
+        for key, (name, doc) in self.COUNTERS.items():
+            yield CounterMetricFamily(name, doc, value=stats[key])
+        yield GaugeMetricFamily(
+            "nanogpt_engine_alive", "1 while the generation worker runs.", value=float(self.engine.alive)
+        )
+
+
+class Telemetry:
+    """GET /metrics: the engine's figures, plus what only the HTTP side sees: each generation request's status,
+    and the latencies its client lives with (to the first token; between two tokens of one choice)."""
+
+    ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+
+    def __init__(self, engine: Engine) -> None:
+        self.registry = CollectorRegistry()  # one per app, so that several apps in one process keep apart
+        self.registry.register(EngineFigures(engine))
+        self.first_token = Histogram(
+            "nanogpt_time_to_first_token_seconds",
+            "From a request's arrival to its first token.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.inter_token = Histogram(
+            "nanogpt_inter_token_latency_seconds",
+            "Between two tokens of one choice.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "nanogpt_requests",
+            "Completion and chat requests answered, by endpoint and HTTP status (499: the client left).",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+
+    def answered(self, path: str, status: int) -> None:
+        if (endpoint := self.ENDPOINTS.get(path)) is not None:
+            self.requests.labels(endpoint, str(status)).inc()
+
+
 # ----------------------------------------------------------------------------- the server's state
+
+
+def is_local(host: str | None) -> bool:
+    """Whether a Host header names this machine's loopback. A web page whose domain an attacker points at
+    127.0.0.1 (DNS rebinding) still sends its own domain here, so refusing other names keeps it out."""
+    if host is None:  # HTTP/1.0 without Host: not a browser, which always sends one
+        return True
+    host = host.lower()
+    name = host[: host.index("]") + 1] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+    return name in LOCAL_HOSTS
+
+
+def is_open(path: str) -> bool:
+    """The paths that need no API key: /health for load balancers, and the page (no model data in it), which
+    then sends the key typed into its field."""
+    return path in ("/", "/health") or path.startswith("/static/")
 
 
 @dataclass
@@ -133,36 +237,73 @@ class Server:
     metrics_path: Path | None = None
     max_n: int = 8
     max_tokens_limit: int = 1024
+    max_body_bytes: int = 1_000_000
+    max_prompt_chars: int = 100_000
+    max_stop_chars: int = 200
+    max_messages: int = 256
+    local_only: bool = True  # the server listens on loopback: refuse requests addressed to other names
+    draining: bool = False  # SIGTERM's drain: new requests get 503 while those running finish
     created: int = field(default_factory=lambda: int(time.time()))  # /v1/models reports when the server started
+    telemetry: Telemetry = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.telemetry = Telemetry(self.engine)
 
     @property
     def block_size(self) -> int:
         return self.engine.model.config.block_size
 
-    def authorize(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
+    def refusal(self, scope: dict[str, Any]) -> APIError | None:
+        """Why a request is refused before its body is read, if it is."""
+        headers, path = Headers(scope=scope), scope["path"]
+        if self.local_only and not is_local(headers.get("host")):
+            return APIError(
+                403,
+                f"This server listens on loopback and answers only requests addressed to localhost, 127.0.0.1 or "
+                f"[::1], not to '{headers['host'][:100]}' (a guard against DNS rebinding). Use one of those names, or "
+                "start the server with --host and an API key to reach it from other machines.",
+            )
         # compare_digest: the time taken must not tell how much of a guessed key was right
-        if not secrets.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
-            raise APIError(
+        given = headers.get("authorization", "").encode()
+        if self.api_key is not None and not is_open(path) and not secrets.compare_digest(given, self.bearer):
+            return APIError(
                 401, "Incorrect API key provided. Send it as 'Authorization: Bearer KEY'.", "authentication_error"
             )
+        if path.startswith("/v1/") and (self.draining or not self.engine.alive):
+            return self.unavailable()
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return self.body_too_large()
+        return None
 
-    def make_job(self, req: SamplingFields, prompt: str, max_tokens: int | None, logprobs: int | None) -> Job:
-        """The engine's job for a request, or the APIError that says which field the server cannot honour."""
+    @property
+    def bearer(self) -> bytes:
+        return f"Bearer {self.api_key}".encode()
+
+    def body_too_large(self) -> APIError:
+        return APIError(
+            413,
+            f"The request body is larger than this server accepts ({self.max_body_bytes} bytes; see --max_body_bytes).",
+        )
+
+    def unavailable(self) -> APIError:
+        return APIError(503, DRAINING if self.draining else STOPPED, "server_error")
+
+    def failure(self) -> APIError:
+        """What a failed job answers: 503 when the server is shutting down or its worker stopped, else a 500
+        that says nothing of the cause (the engine logged it)."""
+        if self.draining or not self.engine.alive:
+            return self.unavailable()
+        return APIError(500, SERVER_ERROR, "server_error")
+
+    def check(self, req: SamplingFields, prompt: str, max_tokens: int | None, param: str) -> int:
+        """The checks that cost nothing, made before the prompt is encoded; the number of tokens to generate."""
         if req.model != self.model_id:
             raise APIError(
                 404, f"The model '{req.model}' does not exist; this server serves '{self.model_id}'.", param="model"
             )
         if req.n > self.max_n:
             raise APIError(400, f"n={req.n} is more than this server allows ({self.max_n}; see --max_n).", param="n")
-        try:
-            ids = self.engine.tok.encode(prompt)
-        except UserError as e:
-            raise APIError(400, str(e), param="prompt") from None
-        if not ids:
-            raise APIError(400, "The prompt is empty: give at least one character of text.", param="prompt")
         if max_tokens is None:
             max_tokens = min(CHAT_DEFAULT_TOKENS, self.max_tokens_limit)
         if max_tokens > self.max_tokens_limit:
@@ -172,12 +313,38 @@ class Server:
                 f"({self.max_tokens_limit}; see --max_tokens). Ask for fewer tokens.",
                 param="max_tokens",
             )
+        if any(len(s) > self.max_stop_chars for s in req.stop_list()):
+            raise APIError(
+                400,
+                f"A stop string may be up to {self.max_stop_chars} characters long (see --max_stop_chars).",
+                param="stop",
+            )
+        if len(prompt) > self.max_prompt_chars:
+            raise APIError(
+                400,
+                f"The prompt has {len(prompt)} characters, more than this server reads ({self.max_prompt_chars}; "
+                "see --max_prompt_chars). Please shorten the prompt.",
+                param=param,
+            )
+        return max_tokens
+
+    async def make_job(
+        self, req: SamplingFields, prompt: str, max_tokens: int | None, logprobs: int | None, param: str = "prompt"
+    ) -> Job:
+        """The engine's job for a request, or the APIError that says which field the server cannot honour."""
+        max_tokens = self.check(req, prompt, max_tokens, param)
+        try:  # off the event loop: encoding a long prompt must not hold up the other requests' streams
+            ids = await asyncio.to_thread(self.engine.tok.encode, prompt)
+        except UserError as e:
+            raise APIError(400, str(e), param=param) from None
+        if not ids:
+            raise APIError(400, "The prompt is empty: give at least one character of text.", param=param)
         if len(ids) > self.block_size:
             raise APIError(
                 400,
                 f"This model's maximum context length is {self.block_size} tokens, and the prompt has {len(ids)}. "
                 "Please shorten the prompt.",
-                param="prompt",
+                param=param,
             )
         return Job(
             prompt_ids=ids,
@@ -186,7 +353,7 @@ class Server:
             temperature=req.temperature,
             top_k=req.top_k,
             top_p=req.top_p if req.top_p < 1.0 else None,
-            seed=req.seed,
+            seed=req.seed,  # any integer: the engine folds it into the 64 bits a generator takes
             stop=req.stop_list(),
             logprobs=logprobs,
         )
@@ -200,46 +367,18 @@ class Server:
             raise APIError(
                 429, "The server is busy: its queue is full. Retry in a moment.", "rate_limit_error"
             ) from None
+        except TooLarge as e:  # its words say how many choices fit
+            raise APIError(400, str(e), param="n") from None
+        except Stopped:
+            raise self.unavailable() from None
 
 
-def server_of(request: Request, authorize: bool = True) -> Server:
-    """The app's Server; unless told otherwise, only once the request has shown the API key (where one is set)."""
-    server: Server = request.app.state.server
-    if authorize:
-        server.authorize(request)
-    return server
+def server_of(request: Request) -> Server:
+    """The app's Server (Guard has checked the API key, where one is set, before the handler was called)."""
+    return request.app.state.server
 
 
 # ----------------------------------------------------------------------------- a job's events, as a response
-
-
-async def events(job: Job) -> AsyncIterator[Token | Finish | Done]:
-    """The job's events until Done; a Failed event becomes a 500. Leaving early cancels the job."""
-    try:
-        while True:
-            event = await job.events.get()
-            if isinstance(event, Failed):
-                raise APIError(500, event.message, "server_error")
-            yield event
-            if isinstance(event, Done):
-                return
-    finally:
-        job.cancelled.set()  # a no-op after Done; frees the slot when the client went away
-
-
-async def collect(job: Job) -> tuple[list[list[Token]], list[str | None], Done]:
-    """A whole job: each choice's tokens and finish reason, and the final counts."""
-    texts: list[list[Token]] = [[] for _ in range(job.n)]
-    reasons: list[str | None] = [None] * job.n
-    done = Done(len(job.prompt_ids), 0)
-    async for e in events(job):
-        if isinstance(e, Token):
-            texts[e.choice].append(e)
-        elif isinstance(e, Finish):
-            reasons[e.choice] = e.reason
-        else:
-            done = e
-    return texts, reasons, done
 
 
 def usage(done: Done) -> dict[str, int]:
@@ -250,14 +389,37 @@ def usage(done: Done) -> dict[str, int]:
     }
 
 
+def error_event(e: APIError) -> str:
+    return f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': None, 'code': None}})}\n\n"
+
+
 async def sse_lines(stream: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
     """Server-sent events as OpenAI sends them: one `data: JSON` per chunk, then `data: [DONE]`."""
     try:
         async for chunk in stream:
             yield f"data: {json.dumps(chunk)}\n\n"
     except APIError as e:  # the status line is sent already: the error goes in the stream
-        yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': None, 'code': None}})}\n\n"
+        yield error_event(e)
+    except Exception:
+        log.exception("a streamed response failed")
+        yield error_event(APIError(500, SERVER_ERROR, "server_error"))
     yield "data: [DONE]\n\n"
+
+
+class JobStream(StreamingResponse):
+    """A job's server-sent events, the job cancelled however the response ends. Starlette stops a stream whose
+    client left by cancelling it, and if that happens before the first chunk the events' own clean-up never
+    runs: this is what frees the slot of a client that left while its request waited."""
+
+    def __init__(self, job: Job, lines: AsyncIterator[str]) -> None:
+        super().__init__(lines, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancelled.set()  # a no-op after Done
 
 
 class Reply:
@@ -267,9 +429,11 @@ class Reply:
     chunk_head: dict[str, Any]  # the fields every streamed chunk starts with
     whole_head: dict[str, Any]  # those of the one response when not streaming
 
-    def __init__(self, job: Job, req: SamplingFields) -> None:
-        self.job, self.stream = job, req.stream
+    def __init__(self, server: Server, job: Job, req: SamplingFields) -> None:
+        self.server, self.job, self.stream = server, job, req.stream
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        self.arrived = time.monotonic()
+        self.last: dict[int, float] = {}  # when each choice's latest token came, for the inter-token latency
 
     def opening(self) -> list[dict[str, Any]]:
         """Chunks streamed before the first token."""
@@ -287,23 +451,79 @@ class Reply:
         """A whole choice, when not streaming."""
         raise NotImplementedError
 
+    async def events(self, request: Request | None) -> AsyncIterator[Token | Finish | Done]:
+        """The job's events until Done. A failed job, a stopped worker or (`request` given) a client that left
+        ends them with an APIError; leaving early, for whatever reason, cancels the job."""
+        watcher = asyncio.create_task(self.watch(request))
+        try:
+            while True:
+                event = await self.job.events.get()
+                if isinstance(event, APIError):  # from the watcher
+                    raise event
+                if isinstance(event, Failed):
+                    raise self.server.failure()
+                if isinstance(event, Token):
+                    self.timed(event)
+                yield event
+                if isinstance(event, Done):
+                    return
+        finally:
+            watcher.cancel()
+            self.job.cancelled.set()  # a no-op after Done; frees the slot when the client went away
+
+    async def watch(self, request: Request | None) -> None:
+        """Every WATCH_S while the job runs: a stopped worker ends it (503), and so does a client that left,
+        which cancels it at once rather than after its last token. Only a whole response passes `request`: a
+        stream's disconnect is Starlette's to see."""
+        while True:
+            await asyncio.sleep(WATCH_S)
+            if not self.server.engine.alive:
+                error = self.server.failure()
+            elif request is not None and await request.is_disconnected():
+                self.job.cancelled.set()
+                error = APIError(499, "The client closed the request.")
+            else:
+                continue
+            self.job.events.put_nowait(error)
+            return
+
+    def timed(self, e: Token) -> None:
+        now, telemetry = time.monotonic(), self.server.telemetry
+        if not self.last:
+            telemetry.first_token.observe(now - self.arrived)
+        elif e.choice in self.last:
+            telemetry.inter_token.observe(now - self.last[e.choice])
+        self.last[e.choice] = now
+
     async def chunks(self) -> AsyncIterator[dict[str, Any]]:
         for chunk in self.opening():
             yield chunk
-        async for e in events(self.job):
+        async for e in self.events(None):
             if isinstance(e, Token):
                 yield {**self.chunk_head, "choices": [self.token(e)]}
             elif isinstance(e, Finish):
                 yield {**self.chunk_head, "choices": [self.finish(e)]}
-            elif self.include_usage:
+            elif self.include_usage:  # OpenAI's last chunk: no choices, the request's usage
                 yield {**self.chunk_head, "choices": [], "usage": usage(e)}
 
-    async def respond(self) -> StreamingResponse | dict[str, Any]:
+    async def collect(self, request: Request) -> tuple[list[list[Token]], list[str | None], Done]:
+        """A whole job: each choice's tokens and finish reason, and the final counts."""
+        texts: list[list[Token]] = [[] for _ in range(self.job.n)]
+        reasons: list[str | None] = [None] * self.job.n
+        done = Done(len(self.job.prompt_ids), 0)
+        async for e in self.events(request):
+            if isinstance(e, Token):
+                texts[e.choice].append(e)
+            elif isinstance(e, Finish):
+                reasons[e.choice] = e.reason
+            else:
+                done = e
+        return texts, reasons, done
+
+    async def respond(self, request: Request) -> StreamingResponse | dict[str, Any]:
         if self.stream:
-            return StreamingResponse(
-                sse_lines(self.chunks()), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
-        texts, reasons, done = await collect(self.job)
+            return JobStream(self.job, sse_lines(self.chunks()))
+        texts, reasons, done = await self.collect(request)
         choices = [self.choice(i, tokens, reasons[i]) for i, tokens in enumerate(texts)]
         return {**self.whole_head, "choices": choices, "usage": usage(done)}
 
@@ -311,10 +531,10 @@ class Reply:
 class CompletionReply(Reply):
     """/v1/completions' wording: choices hold "text"; logprobs in the legacy shape, with offsets into the text."""
 
-    def __init__(self, job: Job, req: CompletionRequest, prompt: str, model_id: str) -> None:
-        super().__init__(job, req)
+    def __init__(self, server: Server, job: Job, req: CompletionRequest, prompt: str) -> None:
+        super().__init__(server, job, req)
         head = {"id": f"cmpl-{secrets.token_hex(12)}", "object": "text_completion", "created": int(time.time())}
-        self.chunk_head = self.whole_head = {**head, "model": model_id}
+        self.chunk_head = self.whole_head = {**head, "model": server.model_id}
         self.want_logprobs = req.logprobs is not None
         self.prompt_len = len(prompt)
         self.offsets = [len(prompt)] * req.n  # where each streamed choice's next token starts, for text_offset
@@ -354,9 +574,9 @@ class CompletionReply(Reply):
 class ChatReply(Reply):
     """/v1/chat/completions' wording: a message (a delta when streaming) from the assistant per choice."""
 
-    def __init__(self, job: Job, req: ChatRequest, model_id: str) -> None:
-        super().__init__(job, req)
-        head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": model_id}
+    def __init__(self, server: Server, job: Job, req: ChatRequest) -> None:
+        super().__init__(server, job, req)
+        head = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": server.model_id}
         self.chunk_head = {**head, "object": "chat.completion.chunk"}
         self.whole_head = {**head, "object": "chat.completion"}
         self.n, self.want_logprobs, self.top = req.n, req.logprobs, req.top_logprobs or 0
@@ -404,9 +624,12 @@ async def index() -> FileResponse:
     return FileResponse(STATIC / "index.html")
 
 
-async def health(request: Request) -> dict[str, Any]:
-    server = server_of(request, authorize=False)  # open to all, for load balancers and scripts
-    return {"status": "ok", "model": server.model_id, **server.engine.stats()}
+async def health(request: Request) -> JSONResponse:
+    """Open to all, for load balancers and scripts: 503 once the server cannot take requests."""
+    server = server_of(request)
+    status = "draining" if server.draining else "ok" if server.engine.alive else "stopped"
+    body = {"status": status, "model": server.model_id, **server.engine.stats()}
+    return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
 
 async def metrics(request: Request) -> dict[str, Any]:
@@ -414,6 +637,10 @@ async def metrics(request: Request) -> dict[str, Any]:
     if server.metrics_path is None or not server.metrics_path.is_file():
         return {"records": []}
     return {"records": read_metrics(server.metrics_path)}
+
+
+async def prometheus_metrics(request: Request) -> Response:
+    return Response(generate_latest(server_of(request).telemetry.registry), media_type=PROMETHEUS_TEXT)
 
 
 async def models(request: Request) -> dict[str, Any]:
@@ -426,24 +653,34 @@ async def models(request: Request) -> dict[str, Any]:
 async def completions(req: CompletionRequest, request: Request) -> StreamingResponse | dict[str, Any]:
     server = server_of(request)
     prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-    job = server.make_job(req, prompt, req.max_tokens, req.logprobs)
+    job = await server.make_job(req, prompt, req.max_tokens, req.logprobs)
+    reply = CompletionReply(server, job, req, prompt)
     server.start(job)
-    return await CompletionReply(job, req, prompt, server.model_id).respond()
+    return await reply.respond(request)
 
 
 async def chat(req: ChatRequest, request: Request) -> StreamingResponse | dict[str, Any]:
     server = server_of(request)
+    if len(req.messages) > server.max_messages:
+        raise APIError(
+            400,
+            f"The conversation has {len(req.messages)} messages, more than this server reads "
+            f"({server.max_messages}; see --max_messages).",
+            param="messages",
+        )
     prompt = render_chat(req.messages)
     stop = req.stop_list()
-    req.stop = [*stop, "\nUser:"] if len(stop) < 4 else stop  # the model would go on with the user's turn
+    req.stop = [*stop, "\nUser:"] if len(stop) < MAX_STOPS else stop  # the model would go on with the user's turn
     top = req.top_logprobs or 0
-    job = server.make_job(req, prompt, req.max_completion_tokens or req.max_tokens, top if req.logprobs else None)
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    job = await server.make_job(req, prompt, max_tokens, top if req.logprobs else None, param="messages")
+    reply = ChatReply(server, job, req)
     server.start(job)
-    return await ChatReply(job, req, server.model_id).respond()
+    return await reply.respond(request)
 
 
 async def on_api_error(request: Request, e: APIError) -> JSONResponse:
-    return error_response(e.status, e.message, e.type, e.param)
+    return as_response(e)
 
 
 async def on_invalid(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -470,27 +707,92 @@ ROUTES = [
     ("GET", "/", index),
     ("GET", "/health", health),
     ("GET", "/api/metrics", metrics),
+    ("GET", "/metrics", prometheus_metrics),
     ("GET", "/v1/models", models),
     ("POST", "/v1/completions", completions),
     ("POST", "/v1/chat/completions", chat),
 ]
 
 
+# ----------------------------------------------------------------------------- before the handlers
+
+
+async def read_body(receive, limit: int) -> bytes | None:
+    """A request's whole body, or None once it passes `limit` bytes (a chunked body has no Content-Length to
+    check first). Raises ClientDisconnect if the client leaves while sending it."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            return None
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class Guard:
+    """An ASGI middleware, outside FastAPI's routing and body parsing, so that a refused request costs nothing:
+    Server.refusal's checks (Host, API key, a server that cannot take requests, Content-Length) before the body
+    is read, then the body read within --max_body_bytes. It also counts each generation request's status for
+    /metrics, and answers any exception a handler lets slip with a generic 500, its traceback in the log."""
+
+    def __init__(self, app, server: Server) -> None:
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 0
+
+        async def send_counted(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.guarded(scope, receive, send_counted)
+        except ClientDisconnect:  # the client left while sending its body: nobody to answer
+            pass
+        except Exception:
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            if not status:  # nothing sent yet: the client gets a 500 that does not show the exception
+                await as_response(APIError(500, SERVER_ERROR, "server_error"))(scope, receive, send_counted)
+        finally:
+            self.server.telemetry.answered(scope["path"], status or 499)
+
+    async def guarded(self, scope, receive, send) -> None:
+        refusal = self.server.refusal(scope)
+        if refusal is not None:
+            return await as_response(refusal)(scope, receive, send)
+        body = await read_body(receive, self.server.max_body_bytes)
+        if body is None:
+            return await as_response(self.server.body_too_large())(scope, receive, send)
+        replayed = False
+
+        async def replay():  # the body read above, then the client's own messages (a disconnect)
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
 # ----------------------------------------------------------------------------- the app
 
 
-def create_app(
-    engine: Engine,
-    model_id: str,
-    api_key: str | None = None,
-    metrics_path: Path | None = None,
-    max_n: int = 8,
-    max_tokens_limit: int = 1024,
-) -> FastAPI:
-    """The app for `engine`. The model sees at most block_size tokens, but generates up to max_tokens_limit:
-    its window slides, as in sample.py (re-encoding the newest half when it is full)."""
+def create_app(engine: Engine, model_id: str, **options: Any) -> FastAPI:
+    """The app for `engine`; `options` are Server's fields: api_key, metrics_path, the limits (max_n,
+    max_tokens_limit, max_body_bytes, ...) and local_only (False for a server listening beyond loopback).
+    The model sees at most block_size tokens, but generates up to max_tokens_limit: its window slides, as
+    in sample.py (re-encoding the newest half when it is full)."""
     app = FastAPI(title="nanogpt", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.server = Server(engine, model_id, api_key, metrics_path, max_n, max_tokens_limit)
+    app.state.server = Server(engine, model_id, **options)
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_invalid)
     app.add_exception_handler(HTTPException, on_http_error)
@@ -498,4 +800,5 @@ def create_app(
     for method, path, handler in ROUTES:
         app.add_api_route(path, handler, methods=[method], response_model=None)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(Guard, server=app.state.server)
     return app
