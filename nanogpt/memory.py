@@ -68,7 +68,10 @@ def available_bytes(device: str) -> int | None:
     return _host_available_bytes() if os.name == "posix" else None
 
 
-def _gb(n: float) -> str:
+def gb(n: float) -> str:
+    """A number of bytes as people read it: 1.5 GB, 300 MB."""
+    if n < 2**20:
+        return f"{n / 2**10:,.0f} kB"
     return f"{n / 2**30:,.1f} GB" if n >= 2**28 else f"{n / 2**20:,.0f} MB"
 
 
@@ -78,15 +81,34 @@ def require(parts: dict[str, int], device: str, what: str, advice: str) -> None:
     need = sum(parts.values())
     if available is None or need <= available:
         return
-    detail = ", ".join(f"{name} {_gb(n)}" for name, n in parts.items() if n >= 2**20)
+    detail = ", ".join(f"{name} {gb(n)}" for name, n in parts.items() if n >= 2**20)
     raise UserError(
-        f"{what} needs at least {_gb(need)} of memory ({detail}) but {_device_name(device)} has "
-        f"{_gb(available)} available, so it would fail part-way. {advice}"
+        f"{what} needs at least {gb(need)} of memory ({detail}) but {_device_name(device)} has "
+        f"{gb(available)} available, so it would fail part-way. {advice}"
     )
 
 
 def _bytes_per_element(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
+
+
+def kv_cache_bytes(config: GPTConfig, rows: int, dtype: torch.dtype) -> int:
+    """The keys and values of every layer over block_size positions for `rows` sequences (KVCache.k and .v)."""
+    return 2 * config.n_layer * rows * config.block_size * config.n_embd * _bytes_per_element(dtype)
+
+
+def kv_row_bytes(config: GPTConfig, dtype: torch.dtype) -> int:
+    """All a KVCache keeps per sequence: keys and values, the fill position (int64) and the token shift's
+    float32 last embedding. What the server's engine counts per active sequence against its budget."""
+    return kv_cache_bytes(config, 1, dtype) + 8 + 4 * config.n_embd
+
+
+def kv_budget_bytes(device: str) -> int:
+    """The default memory for the server's KV caches: half of what `device` has available when the server
+    starts (the rest for the forward passes' activations and logits, and everything else the process and the
+    machine need); 1 GB where the available memory cannot be known."""
+    available = available_bytes(device)
+    return available // 2 if available is not None else 2**30
 
 
 def generation_bytes(
@@ -105,7 +127,7 @@ def generation_bytes(
         "activations": batch * T * 4 * C * act,
     }
     if use_cache:
-        parts["KV cache"] = 2 * config.n_layer * batch * config.block_size * C * act
+        parts["KV cache"] = kv_cache_bytes(config, batch, dtype)
     return parts
 
 

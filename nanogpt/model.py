@@ -92,8 +92,14 @@ class KVCache:
 
     Decoding with a cache (prefill the prompt once, then feed one token per step) turns generation
     from O(T^2) work per token into O(T): each new token attends to stored keys instead of
-    recomputing the whole prefix. The shapes never change and the fill position is a tensor, so a
+    recomputing the whole prefix. The shapes never change and the fill positions are a tensor, so a
     `torch.compile`d forward pass compiles once for decoding instead of once per position.
+
+    Every row (sequence) has its own fill position, so one cache can hold sequences of different
+    lengths: the server decodes all its requests in one forward pass (continuous batching, as in
+    vLLM, Kwon et al. 2023, and llama.cpp's server), each row attending to its own filled slots only.
+    `cache[a:b]` is a view of rows a..b-1 sharing this cache's memory: a forward pass over it fills
+    those rows alone. Generating one batch (generate.py) keeps all rows at the same length.
     """
 
     def __init__(self, config: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
@@ -101,30 +107,62 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_head, config.block_size, hs)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.pos = torch.zeros((), dtype=torch.long, device=device)  # the next position to fill
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) the next position to fill
         self.slots = torch.arange(config.block_size, device=device)  # (S,) position of each cache slot
         # token_shift: the embedding of the last token fed, the previous token of the next one; float32,
         # the embeddings' own precision under autocast (zeros: the first token has no previous one)
         self.last_embedding = torch.zeros(batch_size, 1, config.n_embd, device=device)
 
+    def __getitem__(self, rows: slice) -> KVCache:
+        """The rows `rows` as a cache of their own, sharing this one's memory (basic slices are views)."""
+        view = object.__new__(KVCache)
+        view.k, view.v, view.slots = self.k[:, rows], self.v[:, rows], self.slots
+        view.pos, view.last_embedding = self.pos[rows], self.last_embedding[rows]
+        return view
+
+    @property
+    def batch_size(self) -> int:
+        return self.pos.size(0)
+
     @property
     def length(self) -> int:
-        """Number of positions filled (reads the device: for tests and callers, not the hot path)."""
-        return int(self.pos)
+        """Positions filled in the longest row (reads the device: for tests and callers, not the hot path)."""
+        return int(self.pos.max())
 
     def reset(self) -> None:
+        """Empty every row (a view: its rows only). Stale keys and values stay, masked out as unfilled."""
         self.pos.zero_()
         self.last_embedding.zero_()
 
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this layer's new keys/values (B, nh, T, hs) at `positions` (T,); return the whole
-        cache of this layer, (B, nh, block_size, hs): slots not yet filled are masked out by the caller.
+        """Store this layer's new keys/values (B, nh, T, hs) at each row's `positions` (B, T); return the
+        whole cache of this layer, (B, nh, block_size, hs): slots not yet filled are masked out by the caller.
         Keys and values are stored in the cache's dtype (a no-op when they already have it)."""
-        self.k[layer].index_copy_(2, positions, k.to(self.k.dtype))
-        self.v[layer].index_copy_(2, positions, v.to(self.v.dtype))
+        rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
+        # indexing [rows, :, positions] addresses (B, T) slots of nh x hs values each, hence the transpose
+        self.k[layer][rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[layer][rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
         return self.k[layer], self.v[layer]
+
+    def copy_(self, other: KVCache) -> KVCache:
+        """Take over the rows of `other`, a cache (or view) of the same shape: to move rows into a bigger cache."""
+        for mine, theirs in zip(self._state(), other._state()):
+            mine.copy_(theirs)
+        return self
+
+    def keep(self, rows: list[int]) -> None:
+        """Move the rows `rows` (ascending) to the front, in order, so the sequences still generating stay
+        cache[:len(rows)] when others finish. Rows already in place are not copied."""
+        start = next((i for i, r in enumerate(rows) if r != i), len(rows))
+        source = torch.tensor(rows[start:], dtype=torch.long, device=self.pos.device)
+        for t in self._state():
+            rows_dim = 1 if t.dim() == 5 else 0  # k and v are (n_layer, B, ...), the others (B, ...)
+            t.narrow(rows_dim, start, len(source)).copy_(t.index_select(rows_dim, source))
+
+    def _state(self) -> tuple[torch.Tensor, ...]:
+        return self.k, self.v, self.pos, self.last_embedding
 
 
 def activation_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -152,7 +190,7 @@ def rope_tables(head_size: int, length: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate queries or keys (B, nh, T, hs) by their positions' angles, cos and sin (T, hs / 2). The dot
+    """Rotate queries or keys (B, nh, T, hs) by their positions' angles, cos and sin (.., T, hs / 2). The dot
     product of a rotated query and key then depends only on the distance between their positions."""
     half = x.size(-1) // 2
     x1, x2 = x[..., :half], x[..., half:]
@@ -163,8 +201,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Positions(NamedTuple):
     """Where the T tokens of a forward pass sit, as attention needs it."""
 
-    pos: torch.Tensor  # (T,) absolute positions: the KV-cache slots they fill and may attend to
-    rope: tuple[torch.Tensor, torch.Tensor] | None  # RoPE's cos and sin at pos, (T, hs / 2) each; None: learned
+    # (T,) absolute positions, or (B, T) with a cache (each row its own): the slots they fill and may attend to
+    pos: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # RoPE's cos and sin at pos, (.., T, hs / 2); None: learned
 
 
 class ReLU2(nn.Module):
@@ -222,8 +261,9 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *at.rope), apply_rope(k, *at.rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, at.pos)  # (B, nh, block_size, hs)
-            # query at absolute position p sees the cache slots 0..p: causal, and blind to unfilled slots
-            attn_mask, is_causal = at.pos[:, None] >= cache.slots[None, :], False  # (T, block_size)
+            # query at absolute position p sees the cache slots 0..p of its row: causal, and blind to unfilled
+            # slots, each row at its own length
+            attn_mask, is_causal = (at.pos[:, :, None] >= cache.slots).unsqueeze(1), False  # (B, 1, T, block_size)
         else:
             attn_mask, is_causal = None, True
         # scaled dot-product attention (Vaswani et al. 2017); PyTorch picks a fused kernel
@@ -343,17 +383,18 @@ class GPT(nn.Module):
             raise ValueError(f"cannot forward {T} positions, block_size is {self.config.block_size}")
         pos = torch.arange(T, dtype=torch.long, device=idx.device)  # (T,)
         if cache is not None:
-            # the caller keeps cache.length + T <= block_size (generate does); checking here would
-            # read the position back from the device at every step
-            pos = pos + cache.pos
+            # each row goes on from its own fill position (rows may differ: the server's continuous batching).
+            # The caller keeps every row's length + T <= block_size (generate does); checking here would
+            # read the positions back from the device at every step
+            pos = cache.pos[:, None] + pos  # (B, T)
         x = self.transformer.wte(idx)  # token embeddings (B, T, n_embd)
         if "shift" in self.transformer:
             x = self.transformer.shift(x, cache)
         rope = None
         if "wpe" in self.transformer:
-            x = x + self.transformer.wpe(pos)  # plus position embeddings (T, n_embd)
-        else:
-            rope = (self.rope_cos[pos], self.rope_sin[pos])  # (T, hs / 2) each
+            x = x + self.transformer.wpe(pos)  # plus position embeddings, (T, n_embd) or (B, T, n_embd)
+        else:  # cos and sin at pos, broadcast over the heads: (1, T, hs / 2) or (B, 1, T, hs / 2) each
+            rope = (self.rope_cos[pos].unsqueeze(-3), self.rope_sin[pos].unsqueeze(-3))
         x = self.transformer.drop(x)
         at = Positions(pos, rope)
         for block in self.transformer.h:

@@ -279,6 +279,53 @@ def test_every_option_keeps_cached_logits_equal_under_bfloat16_autocast():
     assert (torch.cat(parts, dim=1).float() - full.float()).abs().max().item() <= tolerance
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("name", ["learned", "rope", "qk_norm", "token_shift", "all"])
+def test_rows_of_one_cache_at_different_lengths_decode_as_each_sequence_alone(name, dtype):
+    """The server's continuous batching: sequences prefilled into views of one cache's rows, at different
+    lengths, then decoded together one token per step (each row its own positions, mask, cache slots and
+    previous embedding), give the logits of each sequence decoded alone; rows kept (others finished) and rows
+    copied into a bigger cache decode on. Under bfloat16 autocast too, the GPU's path."""
+    from nanogpt.device import autocast
+    from nanogpt.model import activation_dtype
+
+    model = sharp_model(seed=4, **({} if name == "learned" else MODERN[name]))
+    lengths = [3, 9, 1, 6]
+    seqs = [random_ids(1, n + 7, 32, seed=n) for n in lengths]  # a prompt of n tokens, then 7 fed one at a time
+
+    def feed(rows: list[int], t: int, cache: KVCache) -> torch.Tensor:  # the token after n + t - 1 of each row
+        return model(torch.cat([seqs[i][:, lengths[i] + t :][:, :1] for i in rows]), cache=cache)[0]
+
+    with torch.no_grad(), autocast("cpu", dtype):
+        act = activation_dtype(model.lm_head.weight)
+        alone = []
+        for i, n in enumerate(lengths):
+            cache = KVCache(model.config, 1, seqs[i].device, act)
+            alone.append(
+                torch.cat([model(seqs[i][:, :n], cache=cache)[0]] + [feed([i], t, cache) for t in range(7)], 1)
+            )
+        batch = KVCache(model.config, 4, seqs[0].device, act)
+        steps = [torch.cat([model(s[:, :n], cache=batch[i : i + 1])[0] for i, (s, n) in enumerate(zip(seqs, lengths))])]
+        steps += [feed([0, 1, 2, 3], t, batch) for t in range(5)]  # the four rows together, at positions n + t
+        assert batch.pos.tolist() == [n + 5 for n in lengths]
+        batch.keep([1, 3])  # rows 0 and 2 finished: 1 and 3 move to the front and decode on
+        kept = [feed([1, 3], 5, batch[:2])]
+        bigger = KVCache(model.config, 6, seqs[0].device, act)  # as the server's engine grows its cache
+        bigger[:2].copy_(batch[:2])
+        kept.append(feed([1, 3], 6, bigger[:2]))
+    assert bigger.pos[:2].tolist() == [lengths[1] + 7, lengths[3] + 7]
+    pairs = [
+        (torch.cat(steps, dim=1), torch.cat([a[:, :6] for a in alone])),  # (4, 6, vocab)
+        (torch.cat(kept, dim=1), torch.cat([alone[i][:, 6:] for i in (1, 3)])),  # (2, 2, vocab)
+    ]
+    for together, expected in pairs:
+        if dtype == "float32":  # the same arithmetic, with a different number of rows in the matmuls
+            torch.testing.assert_close(together, expected, atol=1e-5, rtol=1e-5)
+        else:
+            tolerance = 4 * torch.finfo(torch.bfloat16).eps * expected.float().abs().max().item()
+            assert (together.float() - expected.float()).abs().max().item() <= tolerance
+
+
 def test_rope_attention_depends_on_distance_not_position():
     """With RoPE and no learned positions, a sequence shifted by k positions (in a longer context whose
     prefix is masked out by causality) gives the same logits: only relative positions matter."""

@@ -13,7 +13,7 @@ import torch
 
 from nanogpt.generate import generate_stream
 from nanogpt.model import GPT, GPTConfig
-from nanogpt.serve.engine import Busy, Done, Engine, Failed, Finish, Job, Stopped, Token
+from nanogpt.serve.engine import Busy, Done, Engine, Failed, Finish, Job, Stopped, Token, TooLarge
 from nanogpt.tokenizer import CharTokenizer
 
 CHARS = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
@@ -167,6 +167,7 @@ def test_a_cancelled_job_leaves_within_one_step_active_or_waiting(engines):
     engine.submit(running)
     engine.submit(waiting)
     while not any(isinstance(e, Token) for e in running.log):
+        assert engine.alive
         time.sleep(0.01)
     waiting.cancelled.set()
     assert engine.stats()["waiting"] == 0
@@ -182,6 +183,7 @@ def test_close_fails_jobs_in_flight_and_waiting(engines):
     engine.submit(running)
     engine.submit(waiting)
     while not running.log:
+        assert engine.alive
         time.sleep(0.01)
     engine.close()
     assert running.wait(1).last == waiting.wait(1).last == Failed("the server is shutting down")
@@ -215,3 +217,111 @@ def test_stats_count_requests_and_tokens(engines):
     assert stats["prompt_tokens_total"] == 3 + 5  # once per request, as the usage field counts them
     assert stats["generated_tokens_total"] == 5 * 2 + 7
     assert [isinstance(e, Finish) for e in a.log].count(True) == 2
+
+
+# ----------------------------------------------------------------------------- continuous batching
+
+MODERN = dict(pos_emb="rope", qk_norm=True, token_shift=True, activation="relu2", norm="rmsnorm")
+
+
+def varied_jobs(count: int, first_seed: int = 0) -> list[Recorded]:
+    """Jobs with different prompts (so rows at different lengths), n, settings and lengths, some past the
+    context (BLOCK) so their windows slide at different steps."""
+    prompts = ["To be", "a", "ROMEO:\nWhat light through yonder", "Hi", "The quick brown fox jumps"]
+    return [
+        job(
+            prompts[i % len(prompts)],
+            max_tokens=(5, 40, 2 * BLOCK + 3, 17)[i % 4],
+            n=1 + (i % 3 == 0),
+            temperature=(1.0, 0.7, 0.0)[i % 3],
+            top_k=(None, 12)[i % 2],
+            top_p=(None, 0.9)[i % 5 == 0],
+            seed=first_seed + i,
+        )
+        for i in range(count)
+    ]
+
+
+@pytest.mark.parametrize("options", ["learned", "modern"])
+@pytest.mark.parametrize("max_batch", [0, 1])
+def test_concurrent_seeded_jobs_each_equal_the_job_alone(engines, options, max_batch):
+    """50 jobs, most at once and more joining mid-way, give each exactly generate_stream's text with its seed:
+    nothing mixed, windows slid per row. On this model batching flips no token (scripts/batch_flip_rate.py
+    measures a trained one)."""
+    model = tiny_model(**(MODERN if options == "modern" else {}))
+    engine = engines(model, max_active=50, queue_size=50, max_batch=max_batch)
+    first, later = varied_jobs(40), varied_jobs(10, first_seed=100)
+    for j in first:
+        engine.submit(j)
+    deadline = time.monotonic() + 30
+    while sum(isinstance(e, Token) for e in first[2].log) < 8:  # the later ones join rows already decoding
+        assert time.monotonic() < deadline and engine.alive
+        time.sleep(0.005)
+    for j in later:
+        engine.submit(j)
+    flipped = [i for i, j in enumerate(first + later) if j.wait().texts() != alone(model, j)]
+    assert all(isinstance(j.last, Done) for j in first + later)
+    assert flipped == []
+    assert engine.wait_idle(5) and engine.rows == 0
+
+
+def count_forwards(model: GPT) -> list[int]:
+    """The number of sequences of each forward pass through the model, recorded as they happen."""
+    calls, forward = [], model.forward
+
+    def counted(idx, *args, **kwargs):
+        calls.append(idx.size(0))
+        return forward(idx, *args, **kwargs)
+
+    model.forward = counted
+    return calls
+
+
+@pytest.mark.parametrize("max_batch, decode_passes", [(0, 9), (2, 18), (1, 36)])
+def test_one_forward_pass_per_step_for_all_jobs_or_per_max_batch(engines, max_batch, decode_passes):
+    model = tiny_model()
+    calls = count_forwards(model)
+    engine = engines(model, max_batch=max_batch)
+    jobs = [job(max_tokens=10, seed=i, n=1 + (i == 3)) for i in range(4)]
+    with engine.cond:  # the worker waits for the lock: all four start in the same step
+        for j in jobs:
+            engine.submit(j)
+    assert all(isinstance(j.wait().last, Done) for j in jobs)
+    assert calls[:4] == [1, 1, 1, 2]  # each job's prompt prefilled by itself, as generate_stream does
+    assert len(calls) - 4 == decode_passes  # then 9 steps for the other 9 tokens of each
+    assert max(calls[4:]) == {0: 5, 2: 3, 1: 2}[max_batch]  # rows per pass: all five, or max_batch jobs' rows
+    assert [j.texts() for j in jobs] == [alone(model, j) for j in jobs]
+
+
+def test_the_memory_budget_queues_jobs_and_refuses_one_that_never_fits(engines):
+    from nanogpt.memory import kv_row_bytes
+
+    model = tiny_model()
+    calls = count_forwards(model)
+    row = kv_row_bytes(model.config, torch.float32)
+    engine = engines(model, kv_budget_bytes=3 * row + 100)  # three sequences' caches
+    with pytest.raises(TooLarge, match=r"budget of .* holds 3\. Ask for n <= 3"):
+        engine.submit(job(n=4))
+    jobs = [job(max_tokens=12, n=2, seed=i) for i in range(4)]  # 8 rows in all: one job at a time fits
+    for j in jobs:
+        engine.submit(j)
+    assert all(isinstance(j.wait().last, Done) for j in jobs)
+    assert [j.texts() for j in jobs] == [alone(model, j) for j in jobs]
+    assert max(calls) == 2 and engine.cache.batch_size <= 3
+
+
+def test_the_batched_flip_rate_on_a_trained_model_is_the_measured_one():
+    """scripts/batch_flip_rate.py on the compat fixture (a trained 2-layer model): 50 seeded requests alone
+    and together. The count asserted here is the one engine.py's docstring reports."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import batch_flip_rate
+
+    from nanogpt.inference import load_inference_model
+
+    model, tok, _, _ = load_inference_model("resume", batch_flip_rate.FIXTURE)
+    result = batch_flip_rate.measure(model.eval(), tok, count=50, max_tokens=100)
+    assert result["requests"] == 50 and result["tokens"] > 4000
+    assert result["flipped_requests"] == 0, result["flips"]
