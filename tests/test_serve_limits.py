@@ -158,6 +158,19 @@ def test_limits_get_400_in_openais_shape_and_the_server_answers_after(server, pa
     assert_still_answers(server)
 
 
+def test_the_chats_own_stop_string_is_not_held_to_max_stop_chars():
+    s = Server(max_stop_chars=3)
+    try:
+        messages = [{"role": "user", "content": "Hello"}]
+        r = s.client().chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=12, temperature=0)
+        expected = greedy(s, "User: Hello\nAssistant:", 12).split("\nUser:")[0]
+        assert r.choices[0].message.content == expected
+        with pytest.raises(openai.BadRequestError, match="up to 3 characters"):
+            s.client().chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=2, stop="four")
+    finally:
+        s.stop()
+
+
 def test_a_long_prompt_is_encoded_off_the_event_loop(server, monkeypatch):
     """While one prompt is being encoded (held here for a second), the server answers other requests."""
     started, release = threading.Event(), threading.Event()
@@ -263,7 +276,16 @@ def test_on_loopback_foreign_host_headers_are_refused(server):
 # ----------------------------------------------------------------------------- failures
 
 
-def test_a_job_that_raises_gets_a_generic_500_and_the_next_succeeds(server, caplog):
+@pytest.fixture
+def own_server():
+    """A server of the test's own: the failures tests provoke cannot reach the module's server."""
+    s = Server()
+    yield s
+    s.stop()
+
+
+def test_a_job_that_raises_gets_a_generic_500_and_the_next_succeeds(own_server, caplog):
+    server = own_server
     forward = server.model.forward
     calls = []
 
@@ -286,7 +308,8 @@ def test_a_job_that_raises_gets_a_generic_500_and_the_next_succeeds(server, capl
     assert_still_answers(server)
 
 
-def test_a_streamed_job_that_raises_ends_its_stream_with_a_generic_error(server):
+def test_a_streamed_job_that_raises_ends_its_stream_with_a_generic_error(own_server):
+    server = own_server
     forward = server.model.forward
     calls = []
 
@@ -310,7 +333,9 @@ def test_a_streamed_job_that_raises_ends_its_stream_with_a_generic_error(server)
     assert_still_answers(server)
 
 
-def test_an_exception_in_a_handler_gets_a_generic_500(server, monkeypatch, caplog):
+def test_an_exception_in_a_handler_gets_a_generic_500(own_server, monkeypatch, caplog):
+    server = own_server
+
     def broken(messages):
         raise ValueError("secret handler detail")
 

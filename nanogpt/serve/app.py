@@ -329,10 +329,20 @@ class Server:
         return max_tokens
 
     async def make_job(
-        self, req: SamplingFields, prompt: str, max_tokens: int | None, logprobs: int | None, param: str = "prompt"
+        self,
+        req: SamplingFields,
+        prompt: str,
+        max_tokens: int | None,
+        logprobs: int | None,
+        param: str = "prompt",
+        own_stop: str | None = None,
     ) -> Job:
-        """The engine's job for a request, or the APIError that says which field the server cannot honour."""
+        """The engine's job for a request, or the APIError that says which field the server cannot honour.
+        `own_stop`: a stop string of the server's, added where the client's leave room, and not held to its limits."""
         max_tokens = self.check(req, prompt, max_tokens, param)
+        stops = req.stop_list()
+        if own_stop is not None and len(stops) < MAX_STOPS:
+            stops.append(own_stop)
         try:  # off the event loop: encoding a long prompt must not hold up the other requests' streams
             ids = await asyncio.to_thread(self.engine.tok.encode, prompt)
         except UserError as e:
@@ -354,7 +364,7 @@ class Server:
             top_k=req.top_k,
             top_p=req.top_p if req.top_p < 1.0 else None,
             seed=req.seed,  # any integer: the engine folds it into the 64 bits a generator takes
-            stop=req.stop_list(),
+            stop=stops,
             logprobs=logprobs,
         )
 
@@ -669,11 +679,10 @@ async def chat(req: ChatRequest, request: Request) -> StreamingResponse | dict[s
             param="messages",
         )
     prompt = render_chat(req.messages)
-    stop = req.stop_list()
-    req.stop = [*stop, "\nUser:"] if len(stop) < MAX_STOPS else stop  # the model would go on with the user's turn
-    top = req.top_logprobs or 0
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
     max_tokens = req.max_completion_tokens or req.max_tokens
-    job = await server.make_job(req, prompt, max_tokens, top if req.logprobs else None, param="messages")
+    # "\nUser:" ends the text where the model would go on with the user's turn
+    job = await server.make_job(req, prompt, max_tokens, logprobs, "messages", own_stop="\nUser:")
     reply = ChatReply(server, job, req)
     server.start(job)
     return await reply.respond(request)
