@@ -77,6 +77,7 @@ class Server:
         self.url = self.background.url
 
     def client(self, api_key: str = "none", **kwargs) -> openai.OpenAI:
+        kwargs.setdefault("timeout", 60)  # a server that stopped answering fails the test instead of hanging it
         return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, **kwargs)
 
     def stop(self) -> None:
