@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from nanogpt.device import autocast
 from nanogpt.generate import generate_stream
 from nanogpt.model import GPT, GPTConfig
 from nanogpt.serve.engine import Busy, Done, Engine, Failed, Finish, Job, Stopped, Token, TooLarge
@@ -75,8 +76,8 @@ def engines():
     """Engines over the tiny model, closed after the test."""
     made = []
 
-    def make(model: GPT | None = None, **kwargs) -> Engine:
-        made.append(Engine(model or tiny_model(), CharTokenizer(CHARS), "cpu", "float32", **kwargs))
+    def make(model: GPT | None = None, dtype: str = "float32", **kwargs) -> Engine:
+        made.append(Engine(model or tiny_model(), CharTokenizer(CHARS), "cpu", dtype, **kwargs))
         return made[-1]
 
     yield make
@@ -84,13 +85,14 @@ def engines():
         e.close()
 
 
-def alone(model: GPT, j: Recorded) -> list[str]:
+def alone(model: GPT, j: Recorded, dtype: str = "float32") -> list[str]:
     """The job's texts from generate_stream with its seed, as sample.py would produce them."""
     tok = CharTokenizer(CHARS)
     idx = torch.tensor([j.prompt_ids] * j.n)
     gen = torch.Generator().manual_seed(j.seed % 2**64)
     kwargs = dict(temperature=j.temperature, top_k=j.top_k, top_p=j.top_p, generator=gen)
-    rows = torch.cat(list(generate_stream(model, idx, j.max_tokens, **kwargs)), dim=1)
+    with autocast("cpu", dtype):
+        rows = torch.cat(list(generate_stream(model, idx, j.max_tokens, **kwargs)), dim=1)
     return [tok.decode(r) for r in rows.tolist()]
 
 
@@ -263,6 +265,19 @@ def test_concurrent_seeded_jobs_each_equal_the_job_alone(engines, options, max_b
     assert all(isinstance(j.last, Done) for j in first + later)
     assert flipped == []
     assert engine.wait_idle(5) and engine.rows == 0
+
+
+def test_batched_jobs_under_bfloat16_autocast_equal_each_alone(engines):
+    """The GPU's path on the CPU: a bfloat16 cache, rows at different lengths and sliding windows, each job
+    as generate_stream gives it under the same autocast."""
+    model = tiny_model(**MODERN)
+    engine = engines(model, dtype="bfloat16")
+    jobs = varied_jobs(12)
+    with engine.cond:  # the worker waits for the lock: all start in the same step, a batch that does not vary
+        for j in jobs:
+            engine.submit(j)
+    assert [j.wait().texts() for j in jobs] == [alone(model, j, "bfloat16") for j in jobs]
+    assert engine.cache.k.dtype == torch.bfloat16 and engine.cache_dtype == torch.bfloat16
 
 
 def count_forwards(model: GPT) -> list[int]:
