@@ -54,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import collections
+import itertools
 import logging
 import random
 import threading
@@ -382,12 +383,20 @@ class Engine:
                     r.job.emit(Failed("generation failed"))
                     r.over = True
                 return
+        drawn = []
         for r in group:
             if r.job.cancelled.is_set():  # its client left: no more tokens, its rows go at the next _leave
                 r.over = True
                 continue
             mine = None if logits is None else logits[r.rows.start - a : r.rows.stop - a, -1]  # (n, vocab)
-            r.over = self._guarded(r.job, r.advance, mine, self.cache[r.rows]) is not False
+            if self._guarded(r.job, r.advance, mine, self.cache[r.rows]) is None:
+                r.over = True  # it failed
+            else:
+                drawn.append(r)
+        if drawn:  # one read of the device for every job's tokens: on a GPU, one wait instead of one per job
+            ids = torch.cat([r.nxt for r in drawn])[:, 0].tolist()
+            for r, first in zip(drawn, itertools.accumulate([0] + [r.job.n for r in drawn])):
+                r.over = self._guarded(r.job, r.send, ids[first : first + r.job.n]) is not False
 
     def _leave(self) -> None:
         """Drop finished, failed and cancelled jobs, moving the rows of the others down so they stay cache[:rows]."""
@@ -426,6 +435,7 @@ class _Running:
         # (n, T) the tokens in this job's rows of the cache, as generate_stream's `context`
         self.context = torch.tensor([job.prompt_ids[-block:]] * job.n, dtype=torch.long, device=engine.device)
         self.nxt: torch.Tensor | None = None  # (n, 1) the tokens drawn last, fed at the next step
+        self.logits: torch.Tensor | None = None  # (n, vocab) what they were drawn from, when logprobs are asked
         self.decoders = [codecs.getincrementaldecoder("utf-8")(errors="replace") for _ in range(job.n)]
         self.stops = [StopStrings(job.stop) for _ in range(job.n)]
         self.open = set(range(job.n))  # choices still generating
@@ -446,29 +456,34 @@ class _Running:
         """Prefill the prompt into its rows (`cache`, a view) and draw the first tokens; True when already over."""
         cache.reset()
         logits, _ = self.engine.model(self.context, cache=cache)
-        return self.draw(logits[:, -1])
+        self.draw(logits[:, -1])
+        return self.send(self.nxt[:, 0].tolist())
 
     def advance(self, logits: torch.Tensor | None, cache: KVCache) -> bool:
-        """The next tokens, from `logits` (n, vocab) of the forward pass that fed the last ones; True when over.
-        A full window slides exactly as generate_stream slides it: the newest block_size // 2 + 1 tokens are
-        kept and re-encoded (the job's rows together, in a forward pass of their own)."""
+        """Draw the next tokens from `logits` (n, vocab) of the forward pass that fed the last ones (the engine
+        then sends them). A full window slides exactly as generate_stream slides it: the newest
+        block_size // 2 + 1 tokens are kept and re-encoded (the job's rows together, in a pass of their own)."""
         self.context = torch.cat((self.context, self.nxt), dim=1)
         if self.context.size(1) > self.engine.model.config.block_size:
             self.context = self.context[:, -(self.engine.model.config.block_size // 2 + 1) :]
             cache.reset()
             logits = self.engine.model(self.context, cache=cache)[0][:, -1]
-        return self.draw(logits)
+        self.draw(logits)
+        return True
 
-    def draw(self, logits: torch.Tensor) -> bool:
-        """Sample one token per choice from logits (n, vocab) with the job's settings and generator, and send
-        the text; True when the job is complete."""
+    def draw(self, logits: torch.Tensor) -> None:
+        """Sample one token per choice from logits (n, vocab) with the job's settings and generator."""
         job = self.job
         self.nxt = sample_next(logits, job.temperature, job.top_k, job.top_p, self.gen)  # (n, 1)
+        self.logits = logits if job.logprobs is not None else None  # for send's log-probabilities
+
+    def send(self, ids: list[int]) -> bool:
+        """Send the tokens drawn, `ids` (one per choice), as text; True when the job is complete."""
+        job = self.job
         self.steps += 1
-        ids = self.nxt[:, 0].tolist()
         logprobs = top = None
-        if job.logprobs is not None:  # the model's own distribution, before temperature and filtering
-            lp = torch.log_softmax(logits.float(), dim=-1)
+        if self.logits is not None:  # the model's own distribution, before temperature and filtering
+            lp = torch.log_softmax(self.logits.float(), dim=-1)
             logprobs = lp.gather(1, self.nxt).squeeze(1).tolist()
             values, indices = lp.topk(min(job.logprobs, lp.size(-1)), dim=-1)
             top = [
