@@ -241,7 +241,7 @@ class Engine:
                     f"{job.n} sequences need {memory.gb(job.n * self.row_bytes)} of KV cache "
                     f"({memory.gb(self.row_bytes)} each), more than the server's whole budget of "
                     f"{memory.gb(self.kv_budget_bytes)}, which holds {self.max_rows}. Ask for n <= {self.max_rows}, "
-                    "or start the server with a larger KV-cache budget (more free memory, or --dtype=bfloat16)."
+                    "or start the server with a larger --kv_budget_gb (or --dtype=bfloat16: half the memory each)."
                 )
             # the waiting room holds queue_size jobs beyond those a free slot takes at once
             room = self.queue_size + max(0, self.max_active - len(self.active) - len(self.starting))
