@@ -29,7 +29,8 @@ from serverthread import MODEL_ID, Server, greedy, open_stream, request  # noqa:
 
 import nanogpt.serve.app as app_module  # noqa: E402
 from nanogpt.errors import UserError  # noqa: E402
-from nanogpt.serve import ServeOptions, api_key_of, drain, exposure_warning  # noqa: E402
+from nanogpt.serve import ServeOptions, api_key_of, build_app, drain, exposure_warning  # noqa: E402
+from nanogpt.serve.engine import TooLarge  # noqa: E402
 
 LIMITS = dict(max_body_bytes=20_000, max_prompt_chars=2_000, max_stop_chars=20, max_messages=10)
 COMPLETION = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 4}
@@ -38,6 +39,14 @@ COMPLETION = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 4}
 @pytest.fixture(scope="module")
 def server():
     s = Server(max_n=8, **LIMITS)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def own_server():
+    """A server of the test's own: the failures tests provoke cannot reach the module's server."""
+    s = Server()
     yield s
     s.stop()
 
@@ -252,6 +261,42 @@ def test_options_accept_queue_size_0_and_refuse_empty_limits():
             ServeOptions(**{name: 0})
 
 
+def test_build_app_hands_the_options_to_the_engine_and_the_app(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.delenv("NANOGPT_API_KEY", raising=False)
+    key_file = tmp_path / "key"
+    key_file.write_text("k\n")
+    o = ServeOptions(
+        out_dir=str(tiny_checkpoint),
+        device="cpu",
+        max_batch=1,
+        kv_budget_gb=0.5,
+        max_messages=3,
+        api_key_file=str(key_file),
+    )
+    app, engine, _ = build_app(o)
+    try:
+        assert (engine.max_batch, engine.kv_budget_bytes) == (1, 2**29)
+        server = app.state.server
+        assert (server.max_messages, server.api_key, server.local_only) == (3, "k", True)
+        exposed, exposed_engine, _ = build_app(ServeOptions(out_dir=str(tiny_checkpoint), device="cpu", host="0.0.0.0"))
+        exposed_engine.close()
+        assert exposed.state.server.local_only is False  # other names may reach it: no Host check
+    finally:
+        engine.close()
+
+
+def test_a_request_too_large_for_the_memory_budget_gets_400_with_the_engines_words(own_server, monkeypatch):
+    def too_large(job):
+        raise TooLarge("8 sequences need 2.0 GB of KV cache, more than the server's whole budget. Ask for n <= 4.")
+
+    monkeypatch.setattr(own_server.engine, "submit", too_large)
+    status, body, _ = request("POST", own_server.url + "/v1/completions", {**COMPLETION, "n": 8})
+    assert_openai_error(status, body, 400, "Ask for n <= 4")
+    assert body["error"]["param"] == "n"
+    monkeypatch.undo()
+    assert_still_answers(own_server)
+
+
 def test_a_server_beyond_loopback_without_a_key_is_warned_about():
     assert exposure_warning("127.0.0.1", None) is None and exposure_warning("::1", None) is None
     assert exposure_warning("localhost", None) is None and exposure_warning("0.0.0.0", "key") is None
@@ -274,14 +319,6 @@ def test_on_loopback_foreign_host_headers_are_refused(server):
 
 
 # ----------------------------------------------------------------------------- failures
-
-
-@pytest.fixture
-def own_server():
-    """A server of the test's own: the failures tests provoke cannot reach the module's server."""
-    s = Server()
-    yield s
-    s.stop()
 
 
 def test_a_job_that_raises_gets_a_generic_500_and_the_next_succeeds(own_server, caplog):

@@ -48,6 +48,12 @@ class ServeOptions:
     max_tokens: int = option(
         1024, "the most tokens one request may generate; past block_size the model's window slides, as in sample.py"
     )
+    max_batch: int = option(
+        0, "the most requests in one forward pass (0: every active one; 1: each its own, the old turn-taking)"
+    )
+    kv_budget_gb: float = option(
+        0.0, "memory for the active requests' KV caches, in GB (0: half of what the device has free); more wait"
+    )
     max_body_bytes: int = option(1_000_000, "the largest request body accepted, in bytes (larger: 413)")
     max_prompt_chars: int = option(100_000, "the longest prompt accepted, in characters, checked before encoding")
     max_stop_chars: int = option(200, "the longest stop string accepted, in characters")
@@ -62,10 +68,10 @@ class ServeOptions:
         if self.max_active < 1 or self.queue_size < 0 or self.max_n < 1 or self.max_tokens < 1:
             raise UserError("--max_active, --max_n and --max_tokens must be at least 1, --queue_size at least 0.")
         limits = (self.max_body_bytes, self.max_prompt_chars, self.max_stop_chars, self.max_messages)
-        if min(limits) < 1 or self.drain_seconds < 0:
+        if min(limits) < 1 or min(self.drain_seconds, self.max_batch, self.kv_budget_gb) < 0:
             raise UserError(
                 "--max_body_bytes, --max_prompt_chars, --max_stop_chars and --max_messages must be at least 1, "
-                "--drain_seconds at least 0."
+                "--drain_seconds, --max_batch and --kv_budget_gb at least 0."
             )
         if self.api_key and self.api_key_file:
             raise UserError("give the API key once: --api_key or --api_key_file, not both.")
@@ -134,7 +140,8 @@ def build_app(o: ServeOptions):
     enable_tf32(device)
     model, tok, source, _ = load_inference_model(o.init_from, o.out_dir)
     model.eval().to(device)
-    engine = Engine(model, tok, device, dtype, o.max_active, o.queue_size)
+    kv_budget = int(o.kv_budget_gb * 2**30) if o.kv_budget_gb else None  # GB as memory.gb reads it
+    engine = Engine(model, tok, device, dtype, o.max_active, o.queue_size, o.max_batch, kv_budget)
     app = create_app(
         engine,
         o.model_id,
