@@ -272,23 +272,31 @@ def test_batched_jobs_under_bfloat16_autocast_equal_each_alone(engines):
     as generate_stream gives it under the same autocast."""
     model = tiny_model(**MODERN)
     engine = engines(model, dtype="bfloat16")
+    dtypes = set()
+    watch(model, lambda idx, cache: dtypes.add(cache.k.dtype))
     jobs = varied_jobs(12)
     with engine.cond:  # the worker waits for the lock: all start in the same step, a batch that does not vary
         for j in jobs:
             engine.submit(j)
     assert [j.wait().texts() for j in jobs] == [alone(model, j, "bfloat16") for j in jobs]
-    assert engine.cache.k.dtype == torch.bfloat16 and engine.cache_dtype == torch.bfloat16
+    assert dtypes == {torch.bfloat16} and engine.cache_dtype == torch.bfloat16
+
+
+def watch(model: GPT, record) -> None:
+    """Call record(idx, cache) before every forward pass through the model."""
+    forward = model.forward
+
+    def watched(idx, *args, **kwargs):
+        record(idx, kwargs.get("cache"))
+        return forward(idx, *args, **kwargs)
+
+    model.forward = watched
 
 
 def count_forwards(model: GPT) -> list[int]:
     """The number of sequences of each forward pass through the model, recorded as they happen."""
-    calls, forward = [], model.forward
-
-    def counted(idx, *args, **kwargs):
-        calls.append(idx.size(0))
-        return forward(idx, *args, **kwargs)
-
-    model.forward = counted
+    calls = []
+    watch(model, lambda idx, cache: calls.append(idx.size(0)))
     return calls
 
 
@@ -312,9 +320,10 @@ def test_the_memory_budget_queues_jobs_and_refuses_one_that_never_fits(engines):
     from nanogpt.memory import kv_row_bytes
 
     model = tiny_model()
-    calls = count_forwards(model)
     row = kv_row_bytes(model.config, torch.float32)
     engine = engines(model, kv_budget_bytes=3 * row + 100)  # three sequences' caches
+    calls = []  # per forward pass of the engine: its sequences, and the rows the engine's cache holds
+    watch(model, lambda idx, cache: engine.cache is None or calls.append((idx.size(0), engine.cache.batch_size)))
     with pytest.raises(TooLarge, match=r"budget of .* holds 3\. Ask for n <= 3"):
         engine.submit(job(n=4))
     jobs = [job(max_tokens=12, n=2, seed=i) for i in range(4)]  # 8 rows in all: one job at a time fits
@@ -322,7 +331,8 @@ def test_the_memory_budget_queues_jobs_and_refuses_one_that_never_fits(engines):
         engine.submit(j)
     assert all(isinstance(j.wait().last, Done) for j in jobs)
     assert [j.texts() for j in jobs] == [alone(model, j) for j in jobs]
-    assert max(calls) == 2 and engine.cache.batch_size <= 3
+    assert max(rows for rows, _ in calls) == 2 and max(held for _, held in calls) <= 3
+    assert engine.wait_idle(5) and engine.cache is None  # idle: the memory is given back
 
 
 def test_the_batched_flip_rate_on_a_trained_model_is_the_measured_one():

@@ -36,7 +36,7 @@ Memory: every active sequence holds one row of the cache (memory.kv_row_bytes: 2
 n_embd values of the cache's dtype, and the token shift's row). Rows are admitted while they fit
 `kv_budget_bytes` (default: half the device's available memory) and the rest wait, first come first served;
 a job whose rows alone exceed the budget is refused at submit (TooLarge). The cache grows by doubling as
-rows are needed, up to the budget, and is kept for later requests.
+rows are needed, up to the budget, and is freed when no job is left.
 
 Nothing one request does stops the worker: an exception in one job (its seed, prefill, sampling) fails that
 job alone with a generic message, the traceback goes to the "nanogpt.serve" log. If the worker ever stops,
@@ -404,6 +404,8 @@ class Engine:
             return
         keep = [r for r in self.active if not r.over and not r.job.cancelled.is_set()]
         self.cache.keep([i for r in keep for i in range(r.rows.start, r.rows.stop)])
+        if not keep:  # idle: give the memory back (the next request allocates what it needs)
+            self.cache = None
         rows = 0
         for r in keep:
             r.first, rows = rows, rows + r.job.n
