@@ -111,7 +111,10 @@ def test_a_seed_beyond_64_bits_is_folded_not_fatal(engines):
 
 def test_a_job_that_raises_fails_alone_and_the_next_succeeds(engines, caplog):
     engine = engines()
-    bad, good = job(top_k=0, max_tokens=4), job(max_tokens=20, seed=1)  # top_k=0 raises inside sample_next
+    lone = job(top_k=0)  # top_k=0 raises inside sample_next
+    engine.submit(lone)
+    assert lone.wait().last == Failed("generation failed") and engine.wait_idle(5) and engine.alive
+    bad, good = job(top_k=0, max_tokens=4), job(max_tokens=20, seed=1)  # together with one that goes on
     engine.submit(bad)
     engine.submit(good)
     assert bad.wait().last == Failed("generation failed")  # generic: the detail is in the log

@@ -321,7 +321,7 @@ class Engine:
         for job in list(self.starting):
             self._start(job)
         self._leave()  # the clients that left while the others started
-        size = self.max_batch if self.max_batch > 0 else len(self.active)  # jobs per forward pass
+        size = self.max_batch if self.max_batch > 0 else max(1, len(self.active))  # jobs per forward pass
         for group in [self.active[i : i + size] for i in range(0, len(self.active), size)]:
             self._decode(group)
         self._leave()
