@@ -196,6 +196,8 @@ class Engine:
         max_batch: int = 0,
         kv_budget_bytes: int | None = None,
     ):
+        if max_active < 1 or queue_size < 0 or max_batch < 0:
+            raise ValueError("max_active must be at least 1, queue_size and max_batch at least 0")
         self.model, self.tok, self.device, self.dtype = model, tok, device, dtype
         self.max_active, self.queue_size, self.max_batch = max_active, queue_size, max_batch
         param = model.lm_head.weight
