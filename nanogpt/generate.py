@@ -5,7 +5,7 @@ is machinery a first read can skip. A language model gives, for a context, a dis
 next token; generating is a loop that samples one token from it, appends it and asks again. The KV
 cache (model.KVCache) makes each step cost one token's work instead of the whole context's.
 
-    generate_stream(model, idx, n, ...)  yields the n new tokens one by one (sample.py, the server)
+    generate_stream(model, idx, n, ...)  yields the n new tokens one by one (sample.py; serve/engine.py batches it)
     generate(model, idx, n, ...)         the prompts with the n new tokens appended (nanoGPT's API)
     sample_next(logits, ...)             one token per row: temperature, top-k, top-p, then a draw
 
