@@ -391,7 +391,7 @@ class Engine:
                 r.over = True
                 continue
             mine = None if logits is None else logits[r.rows.start - a : r.rows.stop - a, -1]  # (n, vocab)
-            if self._guarded(r.job, r.advance, mine, self.cache[r.rows]) is None:
+            if self._guarded(r.job, r.advance, mine, self.cache) is None:
                 r.over = True  # it failed
             else:
                 drawn.append(r)
@@ -466,12 +466,13 @@ class _Running:
     def advance(self, logits: torch.Tensor | None, cache: KVCache) -> bool:
         """Draw the next tokens from `logits` (n, vocab) of the forward pass that fed the last ones (the engine
         then sends them). A full window slides exactly as generate_stream slides it: the newest
-        block_size // 2 + 1 tokens are kept and re-encoded (the job's rows together, in a pass of their own)."""
+        block_size // 2 + 1 tokens are kept and re-encoded in the job's rows of `cache`, by themselves."""
         self.context = torch.cat((self.context, self.nxt), dim=1)
         if self.context.size(1) > self.engine.model.config.block_size:
             self.context = self.context[:, -(self.engine.model.config.block_size // 2 + 1) :]
-            cache.reset()
-            logits = self.engine.model(self.context, cache=cache)[0][:, -1]
+            mine = cache[self.rows]
+            mine.reset()
+            logits = self.engine.model(self.context, cache=mine)[0][:, -1]
         self.draw(logits)
         return True
 
