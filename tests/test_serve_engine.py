@@ -167,8 +167,10 @@ def test_queue_size_zero_admits_into_a_free_slot_and_refuses_beyond(engines):
 
 
 def test_a_cancelled_job_leaves_within_one_step_active_or_waiting(engines):
-    engine = engines(slowed(tiny_model(), 0.02), max_active=1)
-    running, waiting = job(max_tokens=1000), job(max_tokens=1000)
+    model = slowed(tiny_model(), 0.02)
+    engine = engines(model, max_active=1)
+    calls = count_forwards(model)
+    running, waiting = job(max_tokens=1000), job(max_tokens=1000, n=2)
     engine.submit(running)
     engine.submit(waiting)
     while not any(isinstance(e, Token) for e in running.log):
@@ -177,9 +179,11 @@ def test_a_cancelled_job_leaves_within_one_step_active_or_waiting(engines):
     waiting.cancelled.set()
     assert engine.stats()["waiting"] == 0
     running.cancelled.set()
+    at_cancel = len(calls)
     assert engine.wait_idle(timeout=1.0)  # a step is ~0.02 s
-    assert engine.stats()["active"] == 0
-    assert len(running.log) < 1000
+    assert len(calls) - at_cancel <= 1  # at most one forward pass begun after the cancel: the step under way
+    assert engine.stats()["active"] == 0 and len(running.log) < 1000
+    assert 2 not in calls  # the waiting job (two rows) was never prefilled
 
 
 def test_close_fails_jobs_in_flight_and_waiting(engines):
