@@ -27,8 +27,8 @@ argmax (greedy, or the exponential race of sample_next), so such a difference ch
 candidates are that close, and from that token on the text differs. Measured with scripts/batch_flip_rate.py
 (50 seeded requests, alone and all together, on the trained compat fixture, CPU, 2026-12-02): 0 of 50
 requests differ, in 5,769 tokens (25,869 with --max_tokens=400) in float32 and 5,769 under bfloat16 autocast,
-although every row's logits differ from its alone run's in the last bits (up to 1.2e-7 here, 1.2e-6 on a
-random model of the demo's size): no two candidates were ever that close. A larger model, a flatter
+although every row's logits differ from its alone run's in the last bits (by up to 4e-6 on this model, 1e-6
+on a random one of the demo's size): no two candidates were ever that close. A larger model, a flatter
 distribution or a GPU (whose kernels change with the batch size more often) make a flip likelier; the
 script measures any run. `max_batch=1` gives generate_stream's (sample.py's) tokens bit for bit.
 
