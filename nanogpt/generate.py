@@ -74,13 +74,20 @@ def generate_stream(
             break  # the last token needs no forward pass of its own
         context = torch.cat((context, nxt), dim=1)
         if filled == block_size:  # full: keep the newest half and re-encode it
-            context = context[:, -(block_size // 2 + 1) :]
+            context = slide_window(context, block_size)
             cache.reset()
             logits, _ = model(context, cache=cache)
             filled = context.size(1)
         else:  # decode: only the new token goes through, attending to the cached keys and values
             logits, _ = model(nxt, cache=cache)
             filled += 1
+
+
+def slide_window(context: torch.Tensor, block_size: int) -> torch.Tensor:
+    """What a full window (B, T) keeps when it slides: its newest block_size // 2 + 1 tokens, to be re-encoded.
+    Learned position embeddings make a true sliding window impossible (every kept token's position changes),
+    so half the window goes at once and re-encoding is paid once every block_size // 2 tokens."""
+    return context[:, -(block_size // 2 + 1) :]
 
 
 def sample_next(

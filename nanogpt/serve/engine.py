@@ -66,7 +66,7 @@ import torch
 
 from nanogpt import memory
 from nanogpt.device import autocast
-from nanogpt.generate import sample_next
+from nanogpt.generate import sample_next, slide_window
 from nanogpt.model import GPT, KVCache, activation_dtype
 from nanogpt.tokenizer import Tokenizer
 
@@ -469,7 +469,7 @@ class _Running:
         block_size // 2 + 1 tokens are kept and re-encoded in the job's rows of `cache`, by themselves."""
         self.context = torch.cat((self.context, self.nxt), dim=1)
         if self.context.size(1) > self.engine.model.config.block_size:
-            self.context = self.context[:, -(self.engine.model.config.block_size // 2 + 1) :]
+            self.context = slide_window(self.context, self.engine.model.config.block_size)
             mine = cache[self.rows]
             mine.reset()
             logits = self.engine.model(self.context, cache=mine)[0][:, -1]
