@@ -1,6 +1,7 @@
 # Two commands for a fresh machine (only Python and pip needed):
 #   make demo   set up .venv, prepare tiny Shakespeare, train a small model on the CPU, sample from it
-#   make test   set up .venv and run the test suite
+#   make test   set up .venv and run ruff and every test, the slow ones included (what CI runs);
+#               a plain `pytest` skips the few marked slow, for a quicker inner loop
 #   make serve  the playground and OpenAI-compatible API for the demo's model, on http://127.0.0.1:8000
 # TORCH pins the PyTorch wheel installed first; the default is the CPU build this project is tested with.
 # On a GPU machine use e.g. `make demo TORCH=torch`. INPUT may name a text file to train on.
@@ -36,10 +37,9 @@ serve: setup
 test: setup
 	$(PY) -m ruff check nanogpt tests scripts train.py sample.py bench.py data
 	$(PY) -m ruff format --check nanogpt tests scripts train.py sample.py bench.py data
-	$(PY) -m pytest -q
-
-test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow"
+
+test-all: test
 
 bench: setup
 	$(PY) bench.py

@@ -7,6 +7,7 @@ gradients and optimizer state over the processes and gathers each block's weight
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import os
@@ -65,10 +66,19 @@ def start_processes(device: str, backend: str, gradient_accumulation_steps: int,
     return Place(device, rank, world, gradient_accumulation_steps // world, fsdp, torchrun=True, cpu_group=cpu_group)
 
 
-def end_processes(at: Place) -> None:
+def end_processes(at: Place, together: bool) -> None:
+    """Tear the process group down, the processes waiting for each other first: one that tore its side down
+    while another still exchanged its last messages could make gloo abort that one ("terminate called
+    without an active exception"). together: every process reached the same end (the run's, or the same
+    error), so the wait is short; otherwise another may never come, and each leaves after a few seconds."""
     if at.torchrun:
+        import datetime
+
         import torch.distributed as dist
 
+        wait = datetime.timedelta(seconds=60 if together else 5)
+        with contextlib.suppress(RuntimeError):  # a process that never came: leave anyway
+            dist.monitored_barrier(group=at.cpu_group, timeout=wait)
         dist.destroy_process_group()
 
 

@@ -69,14 +69,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_fsdp_options(o, under_torchrun())
     # one process, or one of torchrun's (DDP or FSDP): its device, rank and share of the micro-batches
     at = start_processes(o.device, o.backend, o.gradient_accumulation_steps, o.fsdp)
+    together = False  # every process got to the same end, so they may wait for each other before leaving
     try:
         train(o, explicit, at, StopRequest(at, argv), started)
+        together = True
+    except SystemExit:  # Ctrl-C/SIGTERM: every process stopped after the same iteration and saved its part
+        together = True
+        raise
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(e):
             raise
         raise out_of_memory(at.device, TRAIN_ADVICE) from None
     finally:
-        end_processes(at)
+        end_processes(at, together)
     shards = checkpoint.SHARDED_NAME
     if (
         o.fsdp
