@@ -2,9 +2,11 @@
 
     {"kind": "train", "iter": 250, "time": 31.2, "tokens": 192768, "train_loss": 2.01, "lr": 0.001, "mfu": 1.9}
     {"kind": "eval", "iter": 250, "time": 33.0, "tokens": 192000, "train_loss": 1.98, "val_loss": 2.05, ...}
+    {"kind": "sample", "iter": 250, "time": 33.1, "tokens": 192000, "val_loss": 2.05, "prompt": "\\n", "text": ...}
 
 `time` is wall seconds since the run began (a resumed run goes on from where its file stopped), `tokens`
-the training tokens seen, `mfu` a percentage (null until measured). Crash safety comes from the format:
+the training tokens seen, `mfu` a percentage (null until measured). A "sample" record follows each
+evaluation's (report.EvalSample: the model's text from a fixed prompt, to watch it learn). Crash safety comes from the format:
 each record is one line, written with one write() and flushed, so a SIGKILL loses at most the line being
 written; a torn last line is skipped by readers and dropped when a resumed run continues the file. A
 resumed run first drops the records logged after its checkpoint (those iterations run again), so no
@@ -56,8 +58,10 @@ class MetricsWriter:
 
     resume_iter: None for a run from scratch (an existing file is set aside); else the checkpoint's
     iteration, and whether the resumed run skips the evaluation at that iteration (the checkpoint was
-    saved by it), in which case that evaluation's record is kept.
+    saved by it), in which case that evaluation's records (eval and sample) are kept.
     """
+
+    EVALUATION_KINDS = ("eval", "sample")  # written by the evaluation at an iteration, before its checkpoint
 
     def __init__(self, out_dir: str | os.PathLike, resume_iter: int | None = None, eval_done: bool = False):
         self.path = Path(out_dir) / METRICS_NAME
@@ -69,7 +73,8 @@ class MetricsWriter:
                 kept = [
                     r
                     for r in read_metrics(self.path)
-                    if r["iter"] < resume_iter or (eval_done and r["iter"] == resume_iter and r.get("kind") == "eval")
+                    if r["iter"] < resume_iter
+                    or (eval_done and r["iter"] == resume_iter and r.get("kind") in self.EVALUATION_KINDS)
                 ]
                 atomic_write_bytes(self.path, b"".join(_line(r) for r in kept))
                 self.time_offset = max((float(r.get("time", 0.0)) for r in kept), default=0.0)

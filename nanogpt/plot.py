@@ -1,6 +1,7 @@
 """Loss curves from the metrics.jsonl of one or several runs, overlaid, as a PNG.
 
     nanogpt plot out-shakespeare-char [more out_dirs...] [--to=loss.png] [--x=iter|time|tokens] [--log]
+    nanogpt plot out-shakespeare-char --samples    # prints what the model wrote at each evaluation
 
 Solid lines are the train loss logged every log_interval iterations (one micro-batch each, so noisy),
 dots joined by dashes the val loss at each evaluation, one colour per run, labelled by its folder.
@@ -34,6 +35,9 @@ class PlotOptions:
     to: str = option("loss.png", "the PNG to write")
     x: str = option("iter", "the horizontal axis: iter, time (wall seconds since the run began) or tokens")
     log: bool = option(False, "a logarithmic loss axis (--log)")
+    samples: bool = option(
+        False, "print the samples written at each evaluation (iteration, val loss, text) instead of drawing"
+    )
 
     def __post_init__(self) -> None:
         if self.x not in X_AXES:
@@ -91,6 +95,22 @@ def draw(runs: list[tuple[Path, list[dict]]], x: str = "iter", log: bool = False
     ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def sample_timeline(runs: list[tuple[Path, list[dict]]]) -> str:
+    """Each run's samples (metrics.jsonl's "sample" records) as text: a header, then one line per evaluation
+    with its iteration, val loss and sample, new lines shown as ↵ so that each sample keeps to its line."""
+    shown = str.maketrans({"\n": "↵", "\r": "", "\t": " "})
+    out = []
+    for d, records in runs:
+        samples = [r for r in records if r["kind"] == "sample"]
+        out.append(f"{d}: {len(samples)} sample(s)" if samples else f"{d}: no samples (--eval_sample_tokens=0?)")
+        if samples:
+            out.append(f"{'iter':>8}  {'val loss':>8}  sample")
+        for r in samples:
+            val = f"{r['val_loss']:8.4f}" if isinstance(r.get("val_loss"), (int, float)) else f"{'-':>8}"
+            out.append(f"{r['iter']:>8}  {val}  {str(r.get('text', '')).translate(shown)}")
+    return "\n".join(out)
 
 
 def plot_runs(out_dirs: Sequence[str | Path], to: str | Path, x: str = "iter", log: bool = False) -> Path:
@@ -230,7 +250,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     o, _ = parse_args(PlotOptions, flags, "nanogpt plot", __doc__ or "", positional="OUT_DIR [OUT_DIR ...]")
     if not out_dirs:
         raise UserError("name at least one run folder: nanogpt plot OUT_DIR [OUT_DIR...] [--to=loss.png].")
-    print(f"wrote {plot_runs(out_dirs, o.to, o.x, o.log)}")
+    if o.samples:
+        print(sample_timeline(read_runs(out_dirs)))
+    else:
+        print(f"wrote {plot_runs(out_dirs, o.to, o.x, o.log)}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The training log: the terminal (through a tqdm bar when it shows), metrics.jsonl and loss.png, wandb,
-model FLOPs utilisation, the milestones a speedrun times, and the watch for a diverging loss.
+model FLOPs utilisation, the milestones a speedrun times, the watch for a diverging loss, and a short
+sample at each evaluation (to watch the model learn).
 
 Machinery a first read skips (the reading path is in the README, "Read the code"): train.py calls
 `log.iteration` after each step and `log.evaluation` after each evaluation, where nanoGPT prints.
@@ -7,7 +8,10 @@ Machinery a first read skips (the reading path is in the README, "Read the code"
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import math
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,9 +22,12 @@ from tqdm import tqdm
 from nanogpt.device import DTYPES
 from nanogpt.distributed import Place
 from nanogpt.errors import UserError
+from nanogpt.generate import generate
 from nanogpt.metrics import MetricsWriter
 from nanogpt.mfu import peak_flops
+from nanogpt.model import GPT
 from nanogpt.resume import TrainState
+from nanogpt.tokenizer import Tokenizer, tokenizer_from_spec
 from nanogpt.train_options import TrainOptions
 
 
@@ -49,6 +56,55 @@ class DivergenceWatch:
             )
 
 
+class EvalSample:
+    """Watch it learn: at each evaluation, a few dozen tokens the model writes from a fixed prompt, kept in
+    metrics.jsonl beside the val loss (the page's timeline, `nanogpt plot --samples`).
+
+    It leaves training exactly as it was: the model goes to eval mode and back, as estimate_loss does;
+    the draws come from a generator of its own, seeded afresh each time from --seed (the global random
+    state is never touched, and successive samples differ only because the model changed); no autograd
+    graph is built (generate runs under inference_mode)."""
+
+    PROMPT = "\n"  # where a text may begin; a vocabulary without it starts from token 0
+    TEMPERATURE = 0.8  # a little sharper than the model's own distribution: fewer wild picks, not greedy loops
+
+    def __init__(self, n_tokens: int, seed: int, tokenizer: Tokenizer) -> None:
+        self.n_tokens, self.seed, self.tok = n_tokens, seed, tokenizer
+        try:
+            self.prompt = tokenizer.encode(self.PROMPT)
+        except UserError:  # a character vocabulary without a new line
+            self.prompt = [0]
+
+    def __call__(self, model: GPT, ctx: contextlib.AbstractContextManager) -> dict[str, str]:
+        """The prompt and the text the model writes after it; `model` is the bare one (not DDP's wrapper)."""
+        device = model.lm_head.weight.device
+        idx = torch.tensor([self.prompt], dtype=torch.long, device=device)
+        gen = torch.Generator(device=device).manual_seed(self.seed)
+        training = model.training
+        model.eval()  # dropout off
+        try:
+            with ctx:  # the run's autocast, as at evaluation
+                out = generate(model, idx, self.n_tokens, temperature=self.TEMPERATURE, generator=gen)
+        finally:
+            model.train(training)
+        # a vocabulary padded past the tokenizer's (GPT-2's 50257 to 50304) may draw an id with no text
+        ids = [i for i in out[0, len(self.prompt) :].tolist() if i < self.tok.vocab_size]
+        return {"prompt": self.tok.decode(self.prompt), "text": self.tok.decode(ids)}
+
+
+def eval_sample_for(o: TrainOptions, at: Place, tokenizer_spec: dict) -> EvalSample | None:
+    """The run's EvalSample, or None: --eval_sample_tokens=0, or --fsdp, whose model is sharded across
+    the ranks (every forward pass needs all of them), so one rank cannot generate alone; or a tokenizer
+    that cannot be loaded here (a warning: the samples are a convenience, never a reason to stop)."""
+    if o.eval_sample_tokens <= 0 or at.fsdp:
+        return None
+    try:
+        return EvalSample(o.eval_sample_tokens, o.seed, tokenizer_from_spec(tokenizer_spec))
+    except UserError as e:
+        print(f"warning: no samples in metrics.jsonl at evaluations: {e}", file=sys.stderr)
+        return None
+
+
 class TrainLog:
     """Where the run reports: the terminal (through the tqdm bar when it shows), wandb when asked, the
     model FLOPs utilisation, <out_dir>/metrics.jsonl and loss.png (master only), and the milestones the
@@ -66,6 +122,7 @@ class TrainLog:
         self.metrics = None  # <out_dir>/metrics.jsonl; a resumed run continues the file (metrics.py)
         if at.master and not o.eval_only:
             self.metrics = MetricsWriter(out_dir, **metrics_args)
+        self.sample = eval_sample_for(o, at, state.tokenizer) if self.metrics else None
         self.plot = None  # <out_dir>/loss.png, redrawn at each evaluation when matplotlib is installed
         if self.metrics and o.plot and importlib.util.find_spec("matplotlib") is not None:
             from nanogpt.plot import PlotRefresher
@@ -134,7 +191,14 @@ class TrainLog:
         self.steps += 1
         self.bar.update(1)
 
-    def evaluation(self, state: TrainState, losses: dict[str, float], lr: float) -> None:
+    def evaluation(
+        self,
+        state: TrainState,
+        losses: dict[str, float],
+        lr: float,
+        ctx: contextlib.AbstractContextManager = contextlib.nullcontext(),
+    ) -> None:
+        """Report an evaluation (master only), and write the model's sample (under ctx, the run's autocast)."""
         self.write(f"step {state.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         if self.wandb:
             self.wandb.log(
@@ -156,6 +220,10 @@ class TrainLog:
                 lr=lr,
                 mfu=self.mfu_percent,
             )
+            if self.sample and math.isfinite(losses["val"]):  # a diverged model has nothing to show
+                seen = state.iter_num * self.tokens_per_iter
+                fields = self.sample(state.model, ctx)
+                self.metrics.write("sample", iter=state.iter_num, tokens=seen, val_loss=losses["val"], **fields)
             if self.plot:
                 self.plot.request()
         self.last_val = losses["val"]

@@ -312,7 +312,7 @@ def evaluate_and_checkpoint(run: Run, lr: float) -> float:
         dist.all_reduce(both)
         losses = {"train": both[0].item() / at.world, "val": both[1].item() / at.world}
     if at.master:
-        run.log.evaluation(state, losses, lr)
+        run.log.evaluation(state, losses, lr, run.ctx)  # prints and logs them, with a sample of the model
     if not all(map(math.isfinite, losses.values())):
         raise UserError(
             f"the evaluated loss is NaN or infinite at iteration {state.iter_num} (train {losses['train']}, "

@@ -43,6 +43,9 @@ class TrainOptions:
     wandb_run_name: str = option("gpt2", "wandb run name")
     progress: bool = option(True, "show a tqdm progress bar when writing to a terminal")
     plot: bool = option(True, "redraw <out_dir>/loss.png at each evaluation when matplotlib is installed")
+    eval_sample_tokens: int = option(
+        48, "at each evaluation, sample this many tokens from a fixed prompt into metrics.jsonl (0: none)"
+    )
     # data
     dataset: str = option("openwebtext", "dataset name: its files are in <data_dir>, default data/<dataset>")
     data_dir: str = option("", "folder with train.bin, val.bin and meta.json; default data/<dataset>")
@@ -127,7 +130,7 @@ class TrainOptions:
         for name in ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "batch_size"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}.")
-        for name in ("max_iters", "warmup_iters", "lr_decay_iters"):
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "eval_sample_tokens"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must not be negative, got {getattr(self, name)}.")
         try:  # the model's own checks; the vocabulary comes from the data later, so any valid size will do

@@ -77,7 +77,25 @@ def test_an_empty_file_is_not_a_plot(tmp_path):
         plot_runs([tmp_path], tmp_path / "x.png")
 
 
-def test_training_refreshes_loss_png(tmp_path, prepare_char_dataset, tiny_model_args):
+def test_samples_prints_the_timeline_instead_of_drawing(tmp_path, capsys):
+    """--samples: per run, one line per evaluation (iteration, val loss, sample, new lines as ↵); a run
+    without samples says so; no PNG is written."""
+    a, b = fake_run(tmp_path / "a", 1.0), fake_run(tmp_path / "b", 1.0)
+    w = MetricsWriter(a, resume_iter=101)  # continues a's file
+    for i, text in ((0, "xq\nzk"), (50, "Th\nthe")):
+        w.write("sample", iter=i, tokens=100 * i, val_loss=3.1 / (1 + i / 50), prompt="\n", text=text)
+    w.close()
+    main([str(a), str(b), "--samples", f"--to={tmp_path / 'x.png'}"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{a}: 2 sample(s)"
+    assert lines[1].split() == ["iter", "val", "loss", "sample"]
+    assert lines[2].split() == ["0", "3.1000", "xq↵zk"]
+    assert lines[3].split() == ["50", "1.5500", "Th↵the"]
+    assert lines[4].startswith(f"{b}: no samples")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_training_refreshes_loss_png(tmp_path, prepare_char_dataset, tiny_model_args, capsys):
     from nanogpt.train import main as train_main
 
     data_dir = prepare_char_dataset()
@@ -85,6 +103,9 @@ def test_training_refreshes_loss_png(tmp_path, prepare_char_dataset, tiny_model_
     args = [*tiny_model_args, f"--data_dir={data_dir}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2"]
     train_main([*args, "--plot=True"])
     assert png_size(out / "loss.png") == (800, 450)
+    capsys.readouterr()
+    main([str(out), "--samples"])  # and the run's samples, one per evaluation
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]] == ["0", "2", "4"]
     assert not list(out.glob(".loss.png.*"))  # no temporary file left behind
     (out / "loss.png").unlink()
     train_main([*args, "--plot=False"])
