@@ -24,7 +24,7 @@ This module is pure: no argv, no file I/O, no environment reads, no prints.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
 import torch
@@ -206,6 +206,17 @@ class Positions(NamedTuple):
     rope: tuple[torch.Tensor, torch.Tensor] | None  # RoPE's cos and sin at pos, (.., T, hs / 2); None: learned
 
 
+@dataclass
+class Trace:
+    """What an inspecting forward pass (GPT.forward's `trace`) records, for inspect_model.py: each layer's
+    attention weights (B, nh, T, S), computed explicitly since the fused kernel never materialises them, and
+    the residual stream after each block (B, T, C). Passed per call, so the server's generating thread, which
+    runs the same model at the same time, records nothing."""
+
+    attention: list[torch.Tensor] = field(default_factory=list)
+    residual: list[torch.Tensor] = field(default_factory=list)
+
+
 class ReLU2(nn.Module):
     """relu(x)^2, the Primer activation (So et al. 2021): cheaper than GELU and better in speedruns."""
 
@@ -231,6 +242,22 @@ class TokenShift(nn.Module):
         return x + self.weight * previous
 
 
+def explicit_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, trace: Trace
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hs)) v, what scaled_dot_product_attention computes (without dropout: inspection
+    runs in eval mode), with the weights (B, nh, T, S) appended to `trace`. `mask`: True where a query may
+    attend; None: causal, query t sees keys 0..t."""
+    T, S = q.size(-2), k.size(-2)
+    if mask is None:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, S)
+    # in float32 under autocast too, as the fused kernels do: 16-bit weights would not sum to 1 to 4 decimals
+    weights = scores.float().masked_fill(~mask, float("-inf")).softmax(dim=-1)  # exactly zero where masked
+    trace.attention.append(weights)
+    return weights.to(v.dtype) @ v  # (B, nh, T, hs)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention (Vaswani et al. 2017): every head mixes the values of the
     positions up to and including this one, weighted by softmax(q . k / sqrt(hs))."""
@@ -248,7 +275,9 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.qk_norm = config.qk_norm
 
-    def forward(self, x: torch.Tensor, at: Positions, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, at: Positions, cache: KVCache | None = None, trace: Trace | None = None
+    ) -> torch.Tensor:
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         hs = C // self.n_head
@@ -266,11 +295,14 @@ class CausalSelfAttention(nn.Module):
             attn_mask, is_causal = (at.pos[:, :, None] >= cache.slots).unsqueeze(1), False  # (B, 1, T, block_size)
         else:
             attn_mask, is_causal = None, True
-        # scaled dot-product attention (Vaswani et al. 2017); PyTorch picks a fused kernel
-        # (FlashAttention on recent GPUs) so the (T, T) attention matrix is never materialised
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
-        )  # (B, nh, T, hs)
+        if trace is not None:  # inspection: the same attention written out, its weights kept
+            y = explicit_attention(q, k, v, attn_mask, trace)
+        else:
+            # scaled dot-product attention (Vaswani et al. 2017); PyTorch picks a fused kernel
+            # (FlashAttention on recent GPUs) so the (T, T) attention matrix is never materialised
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+            )  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -303,10 +335,12 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, at: Positions, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, at: Positions, cache: KVCache | None = None, trace: Trace | None = None
+    ) -> torch.Tensor:
         # the residual stream x is only ever added to, so gradients reach the first layer unchanged;
         # normalising each sub-block's input, not its output, is what keeps deep stacks stable
-        x = x + self.attn(self.ln_1(x), at, cache)
+        x = x + self.attn(self.ln_1(x), at, cache, trace)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -371,12 +405,17 @@ class GPT(nn.Module):
         return n
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        trace: Trace | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx (B, T) token ids -> logits (B, T, vocab_size) and, with targets, the mean cross-entropy.
 
         Without targets only the last position's logits are computed, (B, 1, vocab_size): that is
-        all generation needs and it skips most of the lm_head work.
+        all generation needs and it skips most of the lm_head work. A `trace` records the attention
+        weights and the residual stream of every layer (inspect_model.py).
         """
         B, T = idx.size()
         if T > self.config.block_size:
@@ -398,20 +437,27 @@ class GPT(nn.Module):
         x = self.transformer.drop(x)
         at = Positions(pos, rope)
         for block in self.transformer.h:
-            x = block(x, at, cache)
+            x = block(x, at, cache, trace)
+            if trace is not None:  # the residual stream after each block: the logit lens's input
+                trace.residual.append(x)
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
         if targets is None:
             x = x[:, -1:, :]  # generation needs the last position only
-        logits = self.lm_head(x)  # (B, T, vocab_size), or (B, 1, vocab_size)
-        if self.config.logit_softcap:  # smoothly bounded logits (Gemma 2): no token's score can run away
-            cap = self.config.logit_softcap
-            logits = cap * torch.tanh(logits / cap)
+        logits = self.head(x)  # (B, T, vocab_size), or (B, 1, vocab_size)
         if targets is None:
             return logits, None
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalised residual stream (.., n_embd) -> next-token logits (.., vocab_size)."""
+        logits = self.lm_head(x)
+        if self.config.logit_softcap:  # smoothly bounded logits (Gemma 2): no token's score can run away
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
 
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context window, e.g. to finetune GPT-2 (1024) with a smaller block_size."""

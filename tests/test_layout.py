@@ -17,7 +17,7 @@ MAX_FUNCTION_LINES = 60
 LAYERS = [
     ["errors", "atomic", "mfu"],  # the ground: no nanogpt imports
     ["model", "config", "data", "tokenizer", "device", "metrics"],
-    ["generate", "optim", "memory", "distributed", "hf", "plot"],  # built on the model; plot: also a command
+    ["generate", "optim", "memory", "distributed", "hf", "plot", "inspect_model"],  # on the model; plot: a command too
     ["checkpoint.file", "checkpoint.sharded", "checkpoint"],  # the formats, over the process layer
     ["inference", "train_options", "resume", "report"],  # the machinery the commands share
     # the commands

@@ -5,6 +5,7 @@
     POST /v1/completions       prompt -> text; stream, n, stop, seed, logprobs (and top_k, as vLLM)
     POST /v1/chat/completions  messages rendered as plain text ("User: ...\\nAssistant:"), the same options
     GET  /api/metrics          the run's metrics.jsonl records (the page's loss curve)
+    POST /api/inspect          text -> its tokens, every head's attention weights, the logit lens (inspect_model.py)
     GET  /metrics              the server's own figures in Prometheus' text format (requests, tokens, latencies)
     GET  /health               {"status": "ok", "active": jobs generating, "waiting": jobs queued, counters};
                                503 with "stopped" or "draining" when the server cannot take requests
@@ -47,7 +48,9 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
+from nanogpt.device import autocast
 from nanogpt.errors import UserError
+from nanogpt.inspect_model import inspect as inspect_ids
 from nanogpt.metrics import read_metrics
 from nanogpt.serve.engine import Busy, Done, Engine, Failed, Finish, Job, Stopped, Token, TooLarge
 
@@ -131,6 +134,13 @@ class ChatRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class InspectRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str
+    layer: int | None = Field(None, ge=0)  # one layer's attention only (a large model's whole is megabytes)
+    model: str | None = None
 
 
 def render_chat(messages: list[ChatMessage]) -> str:
@@ -319,6 +329,10 @@ class Server:
                 f"A stop string may be up to {self.max_stop_chars} characters long (see --max_stop_chars).",
                 param="stop",
             )
+        self.check_length(prompt, param)
+        return max_tokens
+
+    def check_length(self, prompt: str, param: str) -> None:
         if len(prompt) > self.max_prompt_chars:
             raise APIError(
                 400,
@@ -326,7 +340,24 @@ class Server:
                 "see --max_prompt_chars). Please shorten the prompt.",
                 param=param,
             )
-        return max_tokens
+
+    async def encode(self, prompt: str, param: str) -> list[int]:
+        """The prompt's token ids, or the APIError for a prompt the model cannot read: characters outside a
+        character model's vocabulary, no text, more tokens than the context holds."""
+        try:  # off the event loop: encoding a long prompt must not hold up the other requests' streams
+            ids = await asyncio.to_thread(self.engine.tok.encode, prompt)
+        except UserError as e:
+            raise APIError(400, str(e), param=param) from None
+        if not ids:
+            raise APIError(400, "The prompt is empty: give at least one character of text.", param=param)
+        if len(ids) > self.block_size:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {self.block_size} tokens, and the prompt has {len(ids)}. "
+                "Please shorten the prompt.",
+                param=param,
+            )
+        return ids
 
     async def make_job(
         self,
@@ -343,19 +374,7 @@ class Server:
         stops = req.stop_list()
         if own_stop is not None and len(stops) < MAX_STOPS:
             stops.append(own_stop)
-        try:  # off the event loop: encoding a long prompt must not hold up the other requests' streams
-            ids = await asyncio.to_thread(self.engine.tok.encode, prompt)
-        except UserError as e:
-            raise APIError(400, str(e), param=param) from None
-        if not ids:
-            raise APIError(400, "The prompt is empty: give at least one character of text.", param=param)
-        if len(ids) > self.block_size:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {self.block_size} tokens, and the prompt has {len(ids)}. "
-                "Please shorten the prompt.",
-                param=param,
-            )
+        ids = await self.encode(prompt, param)
         return Job(
             prompt_ids=ids,
             max_tokens=max_tokens,
@@ -688,6 +707,27 @@ async def chat(req: ChatRequest, request: Request) -> StreamingResponse | dict[s
     return await reply.respond(request)
 
 
+async def inspect(req: InspectRequest, request: Request) -> dict[str, Any]:
+    """One forward pass over the text: {"model", "tokens", "layers", "attention", "lens"} (inspect_model.py)."""
+    server = server_of(request)
+    if req.model is not None and req.model != server.model_id:
+        raise APIError(
+            404, f"The model '{req.model}' does not exist; this server serves '{server.model_id}'.", param="model"
+        )
+    n_layer = server.engine.model.config.n_layer
+    if req.layer is not None and req.layer >= n_layer:
+        raise APIError(400, f"layer={req.layer}: this model's layers are 0..{n_layer - 1}.", param="layer")
+    server.check_length(req.text, "text")
+    ids = await server.encode(req.text, "text")
+    engine = server.engine
+
+    def forward() -> dict[str, Any]:  # in a thread of its own: the engine's worker goes on generating meanwhile
+        with autocast(engine.device, engine.dtype):  # autocast is per thread: set it here
+            return inspect_ids(engine.model, engine.tok, ids, req.layer)
+
+    return {"object": "inspection", "model": server.model_id, **await asyncio.to_thread(forward)}
+
+
 async def on_api_error(request: Request, e: APIError) -> JSONResponse:
     return as_response(e)
 
@@ -716,6 +756,7 @@ ROUTES = [
     ("GET", "/", index),
     ("GET", "/health", health),
     ("GET", "/api/metrics", metrics),
+    ("POST", "/api/inspect", inspect),
     ("GET", "/metrics", prometheus_metrics),
     ("GET", "/v1/models", models),
     ("POST", "/v1/completions", completions),
