@@ -68,10 +68,11 @@ def rounded(weights: torch.Tensor) -> list[list[list[float]]]:
     return weights[0].double().round(decimals=DECIMALS).tolist()  # double: 0.1234 prints as 0.1234
 
 
-def inspect(model: GPT, tok: Tokenizer, ids: Sequence[int], layer: int | None = None) -> dict[str, Any]:
+def inspect(model: GPT, tok: Tokenizer, ids: Sequence[int], layer: int | None = None, top: int = TOP) -> dict[str, Any]:
     """One forward pass over `ids`: {"tokens", "layers", "attention", "lens"}. `attention` is [layer][head]
     [query][key] for the layers listed in "layers" (all, or only `layer`), each row summing to 1 and zero
-    above the diagonal; `lens` is [layer][position][rank] for every layer (after each block)."""
+    above the diagonal; `lens` is [layer][position][rank] for every layer (after each block), the `top`
+    likeliest tokens (the playground's step view asks for 20)."""
     if not 0 < len(ids) <= model.config.block_size:
         raise ValueError(f"inspect needs 1 to {model.config.block_size} tokens, got {len(ids)}")
     if layer is not None and not 0 <= layer < model.config.n_layer:
@@ -82,5 +83,5 @@ def inspect(model: GPT, tok: Tokenizer, ids: Sequence[int], layer: int | None = 
         "tokens": token_entries(tok, ids),
         "layers": layers,
         "attention": [rounded(trace.attention[i]) for i in layers],
-        "lens": lens(model, tok, trace),
+        "lens": lens(model, tok, trace, top),
     }

@@ -107,3 +107,17 @@ def test_the_api_key_guards_it():
         assert status == 200 and len(body["tokens"]) == 2
     finally:
         s.stop()
+
+
+def test_top_sets_how_many_tokens_the_lens_lists(server):
+    """The playground's step view asks for the 20 likeliest next tokens ("top": 1..50, default 5)."""
+    status, body, _ = post(server, {"text": "ROMEO:", "top": 20})
+    assert status == 200, body
+    assert all(len(row) == 20 for layer in body["lens"] for row in layer)
+    ids = server.tok.encode("ROMEO:")
+    assert body["lens"] == inspect(server.model, server.tok, ids, top=20)["lens"]
+    five = post(server, {"text": "ROMEO:"})[1]["lens"]
+    assert [[row[:5] for row in layer] for layer in body["lens"]] == five  # the same ranking, longer
+    for top in (0, 51):
+        status, body, _ = post(server, {"text": "ab", "top": top})
+        assert status == 400 and body["error"]["param"] == "top", body

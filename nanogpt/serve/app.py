@@ -140,6 +140,7 @@ class InspectRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     text: str
     layer: int | None = Field(None, ge=0)  # one layer's attention only (a large model's whole is megabytes)
+    top: int = Field(5, ge=1, le=50)  # the lens's likeliest tokens per layer and position (step view: 20)
     model: str | None = None
 
 
@@ -723,7 +724,7 @@ async def inspect(req: InspectRequest, request: Request) -> dict[str, Any]:
 
     def forward() -> dict[str, Any]:  # in a thread of its own: the engine's worker goes on generating meanwhile
         with autocast(engine.device, engine.dtype):  # autocast is per thread: set it here
-            return inspect_ids(engine.model, engine.tok, ids, req.layer)
+            return inspect_ids(engine.model, engine.tok, ids, req.layer, req.top)
 
     return {"object": "inspection", "model": server.model_id, **await asyncio.to_thread(forward)}
 
