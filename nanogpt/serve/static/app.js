@@ -174,6 +174,7 @@ async function drawLoss() {
     return;
   }
   const records = (await r.json()).records;
+  drawTimeline(records.filter((d) => d.kind === "sample"));
   const train = records.filter((d) => d.kind === "train" && d.train_loss !== null).map((d) => [d.iter, d.train_loss]);
   const val = records.filter((d) => d.kind === "eval" && d.val_loss !== null).map((d) => [d.iter, d.val_loss]);
   const canvas = $("loss");
@@ -210,6 +211,26 @@ async function drawLoss() {
   line(val, "#d62728", 2);
   const last = val.length ? val[val.length - 1] : null;
   note.textContent = `blue: train loss, red: val loss` + (last ? ` (last ${last[1].toFixed(4)} at iteration ${last[0]})` : "");
+}
+
+// ---------------------------------------------------------------- the samples written while training
+
+function drawTimeline(samples) {
+  // one entry per evaluation: the iteration, its val loss and the text the model wrote then, so a student
+  // sees gibberish turn into Shakespeare as the loss curve beside it falls
+  const items = samples.map((d) => {
+    const li = document.createElement("li");
+    const head = document.createElement("div");
+    head.className = "muted";
+    const loss = d.val_loss === null || d.val_loss === undefined ? "" : `, val loss ${d.val_loss.toFixed(3)}`;
+    head.textContent = `iteration ${d.iter}${loss}`;
+    const text = document.createElement("pre");
+    text.textContent = d.prompt + d.text;
+    li.append(head, text);
+    return li;
+  });
+  $("timeline").replaceChildren(...items);
+  $("timeline_box").hidden = !samples.length;
 }
 
 for (const input of document.querySelectorAll("input[type=range]")) input.addEventListener("input", showValues);
