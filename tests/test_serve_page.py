@@ -205,6 +205,12 @@ def test_the_tokens_view_shows_the_prompt_as_the_model_reads_it(inside, tmp_path
     assert strip(driver)[0].get_attribute("title") == f'token 0: id {server.tok.encode("R")[0]} "R"'
     assert "6 tokens, 2 layers, 2 heads" in driver.find_element(By.ID, "inspect_status").text
     shoot(driver, tmp_path / "tokens.png")
+    prompt = driver.find_element(By.ID, "prompt")
+    prompt.clear()
+    prompt.send_keys("KING:")
+    open_view(driver, "attention")  # a view opened after the prompt changed inspects the new prompt
+    WebDriverWait(driver, 10).until(lambda d: [s.text for s in strip(d)] == list("KING:"))
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#heads canvas")) == 4
 
 
 def shading(span) -> float:

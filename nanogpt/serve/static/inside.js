@@ -9,20 +9,25 @@ let inspection = null; // the last /api/inspect answer
 let position = 0; // the clicked token (query) in the strip
 let head = { layer: 0, head: 0 }; // the heatmap whose attention shades the strip
 let view = "tokens";
+let asked = 0; // inspections asked for: an answer to an older one (the student clicked on) is dropped
 
 // ---------------------------------------------------------------- fetching
 
 async function inspectPrompt() {
   const status = $("inspect_status");
+  const ticket = ++asked;
+  const text = $("prompt").value;
   status.textContent = "inspecting...";
   const r = await fetch("/api/inspect", {
-    method: "POST", headers: headers(), body: JSON.stringify({ text: $("prompt").value, top: STEP_TOP }),
+    method: "POST", headers: headers(), body: JSON.stringify({ text: text, top: STEP_TOP }),
   });
+  const answer = r.ok ? await r.json() : await errorMessage(r);
+  if (ticket !== asked) return;
   if (!r.ok) {
-    status.textContent = await errorMessage(r);
+    status.textContent = answer;
     return;
   }
-  inspection = await r.json();
+  inspection = { ...answer, text: text };
   position = inspection.tokens.length - 1; // the last token: the one whose next token comes next
   if (head.layer >= inspection.layers.length) head = { layer: 0, head: 0 };
   status.textContent = `${inspection.tokens.length} tokens, ${inspection.lens.length} layers, ` +
@@ -224,7 +229,8 @@ function showView(name) {
   view = name;
   for (const tab of document.querySelectorAll(".tab")) tab.setAttribute("aria-selected", tab.dataset.view === name);
   for (const v of document.querySelectorAll(".view")) v.hidden = v.id !== "view_" + name;
-  if (inspection) render();
+  // the prompt may have changed since the last inspection: the views always show the current one
+  if (inspection && inspection.text === $("prompt").value) render();
   else inspectPrompt();
 }
 
