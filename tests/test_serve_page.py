@@ -132,10 +132,11 @@ def test_errors_show_on_the_page(page):
 def test_readme_figures_script(tiny_checkpoint, tmp_path):
     """scripts/readme_figures.py, which draws the README's figures, on a tiny run."""
     chromium().quit()  # skips here, with the reason, where Chromium is missing
-    readme_figures.main([f"--out_dir={tiny_checkpoint}", f"--docs={tmp_path}", "--max_tokens=20"])
-    for name in ("loss.png", "playground.png"):
+    args = [f"--out_dir={tiny_checkpoint}", f"--docs={tmp_path}", "--max_tokens=20", "--views_prompt=ROMEO:\nKING"]
+    readme_figures.main(args)  # the views' prompt in the tiny corpus's characters
+    for name in ("loss.png", "playground.png", "attention.png", "layers.png", "step.png", "timeline.png"):
         data = (tmp_path / name).read_bytes()
-        assert data[:4] == b"\x89PNG" and len(data) > 5000
+        assert data[:4] == b"\x89PNG" and len(data) > 5000, name
 
 
 def test_the_timeline_lists_the_samples_written_while_training(page, tmp_path):
