@@ -206,7 +206,12 @@ function renderBars() {
 }
 
 function choose(text) {
-  // the student's pick becomes part of the prompt; inspect again for the next step
+  // the student's pick becomes part of the prompt; inspect again for the next step. A GPT-2 token holding
+  // part of a multi-byte character decodes alone as U+FFFD: as text it would become another token, so no.
+  if (text.includes("\ufffd")) {
+    $("inspect_status").textContent = "that token is part of a character: it cannot be typed alone";
+    return;
+  }
   $("prompt").value += text;
   inspectPrompt();
 }
