@@ -37,6 +37,18 @@ MILESTONE = 1.886
 DONE = re.compile(r"^done: final val loss ([\d.]+); ([\d,]+) iterations.*?; ([\d.]+) s of training; ([\d.]+) s wall")
 FULL_VAL = re.compile(r"^loss: ([\d.]+) nats per token", re.M)
 REACHED = re.compile(rf"val <= {MILESTONE} first at iteration (\d+): ([\d.]+) s of training, ([\d.]+) s wall")
+# Each command ends in minutes on a laptop CPU (the seed command's 2000 iterations are the longest); a run
+# that hangs is killed after this many seconds and the script stops with what it printed.
+TIMEOUT = 3600
+
+
+def run_command(what: str, cmd: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        err = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        raise SystemExit(f"{what} ran longer than {TIMEOUT} s and was killed:\n{out[-2000:]}\n{err[-2000:]}") from None
 
 
 def run(name: str, args: list[str], seed: int, out_root: Path, extra: list[str]) -> dict:
@@ -44,7 +56,7 @@ def run(name: str, args: list[str], seed: int, out_root: Path, extra: list[str])
     cmd += ["--progress=False", f"--milestones={MILESTONE}", *extra]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    proc = run_command(f"{name} seed {seed}", cmd, env)
     wall = time.time() - t0
     done = next((m for line in proc.stdout.splitlines() if (m := DONE.match(line))), None)
     if proc.returncode != 0 or done is None:
@@ -54,10 +66,9 @@ def run(name: str, args: list[str], seed: int, out_root: Path, extra: list[str])
     reached = REACHED.search(done.string)
     startup = wall - float(done[4])  # interpreter start and imports, before main() began counting
     out_dir = out_root / f"{name}-{seed}"
-    ev = subprocess.run(
-        [sys.executable, "-m", "nanogpt", "eval", f"--out_dir={out_dir}", "--device=cpu"],
-        cwd=REPO, env=env, capture_output=True, text=True,
-    )  # fmt: skip
+    ev = run_command(
+        f"evaluating {out_dir}", [sys.executable, "-m", "nanogpt", "eval", f"--out_dir={out_dir}", "--device=cpu"], env
+    )
     whole_val = FULL_VAL.search(ev.stdout)
     if ev.returncode != 0 or whole_val is None:
         raise SystemExit(f"evaluating {out_dir} failed ({ev.returncode}):\n{ev.stdout[-2000:]}\n{ev.stderr[-2000:]}")

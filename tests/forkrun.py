@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import atexit
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -344,18 +346,55 @@ def assert_user_error(result: Result, *fragments: str) -> None:
 
 def signal_at_line(args: Sequence[str | os.PathLike], cwd: Path, prefix: str, sig: int, timeout: float = 240) -> Result:
     """Run `python *args` (popen_script) and send `sig` to it as soon as it prints a line starting with
-    `prefix` (torchrun passes SIGTERM on to its workers); returns the finished run."""
+    `prefix` (torchrun passes SIGTERM on to its workers); returns the finished run. The lines are read on
+    a thread, so a child that goes quiet (or never prints `prefix`) is killed after `timeout` seconds and
+    the test fails with what it printed, instead of blocking in readline."""
     proc = popen_script(*args, cwd=cwd)
-    deadline = time.time() + timeout
-    out = []
-    assert proc.stdout is not None
-    for line in proc.stdout:  # the workers' output comes unbuffered (torchrun runs them with python -u)
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None and proc.stderr is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read(stream) -> None:  # the workers' output comes unbuffered (torchrun runs them with python -u)
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=read, args=(proc.stdout,), daemon=True)
+    reader.start()
+    err_parts: list[str] = []
+    err_reader = threading.Thread(target=lambda: err_parts.append(proc.stderr.read()), daemon=True)
+    err_reader.start()  # a child that fills the stderr pipe would block before printing `prefix`
+    out: list[str] = []
+    signalled = False
+    while True:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            line = None
+            if not signalled:
+                proc.kill()
+                proc.wait()
+                reader.join(5)
+                err_reader.join(5)
+                raise AssertionError(
+                    f"{args}: no line starting with {prefix!r} within {timeout}s:\n{''.join(out)}\n{''.join(err_parts)}"
+                ) from None
+        if line is None:
+            break
         out.append(line)
-        if line.startswith(prefix):
+        if not signalled and line.startswith(prefix):
             proc.send_signal(sig)
-            break
-        if time.time() > deadline:
-            proc.kill()
-            break
-    rest, err = proc.communicate(timeout=max(1.0, deadline - time.time()))
-    return Result(proc.returncode, "".join(out) + rest, err)
+            signalled = True
+    try:
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        reader.join(5)
+        err_reader.join(5)
+        raise AssertionError(
+            f"{args} did not end within {timeout}s of starting:\n{''.join(out)}\n{''.join(err_parts)}"
+        ) from None
+    reader.join(5)
+    err_reader.join(5)
+    return Result(proc.returncode, "".join(out), "".join(err_parts))

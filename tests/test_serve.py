@@ -207,7 +207,11 @@ def test_malformed_bodies_get_400_not_a_traceback(server):
     assert status == 400 and "messages.0.content" in body["error"]["message"], body
 
 
-def test_api_key_is_enforced():
+def test_the_openai_client_with_a_wrong_key_is_refused_and_with_the_right_key_served():
+    """The official client's view of --api_key: a wrong key raises AuthenticationError on a completion, no key
+    gets 401 from /api/metrics, the page loads without one, the right key completes. Every route against
+    no key, a wrong key and a malformed header is test_serve_limits.py's
+    test_the_api_key_guards_every_route_but_health_and_the_page."""
     s = Server(api_key="sesame")
     try:
         with pytest.raises(openai.AuthenticationError):
@@ -284,23 +288,30 @@ def test_50_concurrent_streams_complete_unmixed(server):
 # ----------------------------------------------------------------------------- the command
 
 
-def test_serve_command_serves_the_run_its_metrics_and_the_page(tiny_checkpoint, script_env):
+def test_serve_command_serves_the_run_its_metrics_and_the_page(tiny_checkpoint, script_env, tmp_path):
     """`nanogpt serve` as a user starts it: a real process, the URL it prints, the run's metrics."""
     import subprocess
     import sys
+    import threading
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nanogpt", "serve", f"--out_dir={tiny_checkpoint}", "--port=0", "--device=cpu"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=script_env,
-    )
+    err_path = tmp_path / "serve.err"  # a file, not a pipe nobody reads: the server's log never fills it
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nanogpt", "serve", f"--out_dir={tiny_checkpoint}", "--port=0", "--device=cpu"],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            env=script_env,
+        )
     try:
-        line = proc.stdout.readline()
+        first: list[str] = []
+        reader = threading.Thread(target=lambda: first.append(proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(120)  # the first line is the URL; a server that never prints it fails here, not hangs
+        line = first[0] if first else ""
         url = re.search(r"at (http://127\.0\.0\.1:\d+)", line)
-        assert url, line + proc.stderr.read() if proc.poll() is not None else line
-        client = openai.OpenAI(base_url=url[1] + "/v1", api_key="none", max_retries=0)
+        assert url, f"no URL within 120 s; stdout: {line!r}; stderr:\n{err_path.read_text()}"
+        client = openai.OpenAI(base_url=url[1] + "/v1", api_key="none", max_retries=0, timeout=60)
         model = client.models.list().data[0].id
         assert model == Path(tiny_checkpoint).name
         r = client.completions.create(model=model, prompt="ROMEO:", max_tokens=10)
@@ -312,7 +323,11 @@ def test_serve_command_serves_the_run_its_metrics_and_the_page(tiny_checkpoint, 
         assert request("GET", url[1] + "/static/app.js")[0] == 200
     finally:
         proc.terminate()
-        proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def test_serve_refuses_a_busy_port_in_one_paragraph(tiny_checkpoint, run_script):
