@@ -22,15 +22,24 @@ def resolve_device(requested: str) -> str:
         if torch.cuda.is_available():
             return "cuda"
         return "mps" if mps_available() else "cpu"
-    kind = requested.split(":")[0]
+    kind, colon, index = requested.partition(":")
+    if kind in ("cpu", "cuda", "mps") and colon and not (index.isascii() and index.isdigit()):
+        raise UserError(
+            f"--device={requested} is not a device name: after '{kind}:' comes a device index, a whole number "
+            f"counted from 0 ({kind}:N, e.g. --device={kind}:0 for the first). Or give --device={kind} alone."
+        )
     if kind == "cuda":
         if not torch.cuda.is_available():
             raise UserError(
                 f"--device={requested} was requested but CUDA is not available on this machine "
                 "(no NVIDIA GPU, or a CPU-only PyTorch). Use --device=cpu, or --device=auto to pick what is there."
             )
-        if ":" in requested and int(requested.split(":")[1] or 0) >= torch.cuda.device_count():
-            raise UserError(f"--device={requested}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+        count = torch.cuda.device_count()
+        if colon and int(index) >= count:
+            raise UserError(
+                f"--device={requested}: this machine has {count} CUDA device(s), numbered from 0: "
+                f"use --device=cuda:0{f' to cuda:{count - 1}' if count > 1 else ''}."
+            )
     elif kind == "mps":
         if not mps_available():
             raise UserError(

@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanogpt.config import device_option, dtype_option, init_from_option, option, out_dir_option, parse_args
-from nanogpt.data import SPLITS, read_meta
+from nanogpt.data import SPLITS, max_token_id, read_meta
 from nanogpt.device import autocast, enable_tf32, resolve_device, resolve_dtype
 from nanogpt.errors import UserError, run_main
 from nanogpt.inference import load_inference_model
 from nanogpt.model import GPT
-from nanogpt.sample import read_prompt
+from nanogpt.sample import read_text_file
 from nanogpt.tokenizer import CharTokenizer, Tokenizer
 
 
@@ -100,11 +100,41 @@ def evaluate_tokens(model: GPT, ids: np.ndarray, tok: Tokenizer, batch_size: int
     return Evaluation(tokens=len(ids) - 1, bytes=n_bytes, nats=nats)
 
 
-def load_ids(o: EvalOptions, tok: Tokenizer, trained_with: dict) -> tuple[np.ndarray, str]:
+def read_split(path: Path, vocab_size: int) -> np.ndarray:
+    """A prepared split's token ids (a memory map), checked as training checks them: whole uint16 tokens,
+    every id inside the model's vocabulary (the scan is cached beside the split, see data.max_token_id)."""
+    size = path.stat().st_size
+    if size % 2:
+        raise UserError(f"{path} has an odd size ({size} bytes), so it is truncated. Run prepare again.")
+    if size == 0:  # NumPy cannot map an empty file
+        return np.zeros(0, dtype=np.uint16)
+    ids = np.memmap(path, dtype=np.uint16, mode="r")
+    top = max_token_id(path, ids)
+    if top >= vocab_size:
+        raise UserError(
+            f"{path} contains token id {top}, but the model's vocabulary has {vocab_size} tokens. The dataset "
+            "and the model's tokenizer do not match; prepare the data again or give --data_dir or --text=FILE."
+        )
+    return ids
+
+
+def check_length(ids: np.ndarray, where: str, o: EvalOptions) -> None:
+    """Every token after the first is predicted, so at least 2 are needed, in the text and after --max_tokens."""
+    if len(ids) < 2:
+        fix = "Give a longer text." if o.text else "Prepare the dataset again from a longer text, or give --text=FILE."
+        raise UserError(
+            f"{where} holds {len(ids)} token{'' if len(ids) == 1 else 's'}, too few to evaluate on: every token "
+            f"after the first is predicted from the ones before it, so eval needs at least 2. {fix}"
+        )
+    if o.max_tokens == 1:
+        raise UserError("--max_tokens=1 leaves 1 token, too few: eval needs at least 2 (--max_tokens=0: all).")
+
+
+def load_ids(o: EvalOptions, tok: Tokenizer, trained_with: dict, vocab_size: int) -> tuple[np.ndarray, str]:
     """The token ids to evaluate on and a description of where they came from; trained_with: the
     checkpoint's training options, whose dataset --split refers to."""
     if o.text:
-        text = read_prompt(f"FILE:{o.text}")
+        text = read_text_file(Path(o.text), f"--text={o.text}", "text file")
         ids = np.array(tok.encode(text), dtype=np.int64)
         where = o.text
     else:
@@ -122,8 +152,9 @@ def load_ids(o: EvalOptions, tok: Tokenizer, trained_with: dict) -> tuple[np.nda
                 f"{data_dir} was tokenized with a different tokenizer ({spec.get('kind')}) than the model's "
                 f"({tok.spec().get('kind')}), so its token ids mean nothing to the model. Use --text=FILE instead."
             )
-        ids = np.memmap(path, dtype=np.uint16, mode="r")
+        ids = read_split(path, vocab_size)
         where = str(path)
+    check_length(ids, where, o)
     return (ids[: o.max_tokens] if o.max_tokens else ids), where
 
 
@@ -135,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     enable_tf32(device)
     model, tok, source, trained_with = load_inference_model(o.init_from, o.out_dir)
     model.eval().to(device)
-    ids, where = load_ids(o, tok, trained_with)
+    ids, where = load_ids(o, tok, trained_with, model.config.vocab_size)
     r = evaluate_tokens(model, ids, tok, o.batch_size, device, autocast(device, dtype))
     print(f"model: {source}")
     print(f"text: {where}: {r.tokens:,} tokens predicted, {r.bytes:,} bytes")

@@ -32,25 +32,59 @@ def _device_name(device: str) -> str:
     return {"cuda": f"the GPU ({device})", "mps": "the Apple GPU (mps)"}.get(kind, "the CPU")
 
 
+MEMINFO = Path("/proc/meminfo")
+CGROUP = Path("/sys/fs/cgroup")  # a container's own cgroup (cgroup namespaces); v1 keeps memory in memory/
+
+
+def _stat_fields(path: Path) -> dict[str, int]:
+    """A cgroup memory.stat file: `name value` lines."""
+    pairs = (line.split() for line in path.read_text().splitlines())
+    return {p[0]: int(p[1]) for p in pairs if len(p) == 2}
+
+
+def _cgroup_available_bytes(cgroup: Path) -> int | None:
+    """What a container's memory limit leaves: the limit less the memory charged to it, where the page
+    cache (file pages, active and inactive) counts as free, as in the kernel's MemAvailable and `docker
+    stats`: the kernel drops clean cached file pages (and writes back dirty ones) before it runs out.
+    cgroup v2 (memory.max) or v1 (memory/memory.limit_in_bytes); None without a limit."""
+    v2 = {"limit": "memory.max", "usage": "memory.current", "stat": "memory.stat"}
+    v1 = {
+        "limit": "memory/memory.limit_in_bytes",
+        "usage": "memory/memory.usage_in_bytes",
+        "stat": "memory/memory.stat",
+    }
+    for files, prefix in ((v2, ""), (v1, "total_")):
+        try:
+            limit = (cgroup / files["limit"]).read_text().strip()
+            usage = int((cgroup / files["usage"]).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 2**60:  # v1 writes "no limit" as a huge number
+            return None
+        try:
+            stat = _stat_fields(cgroup / files["stat"])
+        except (OSError, ValueError, IndexError):
+            stat = {}
+        cache = stat.get(f"{prefix}inactive_file", 0) + stat.get(f"{prefix}active_file", 0)
+        return max(0, int(limit) - max(0, usage - cache))
+    return None
+
+
 def _host_available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo, capped by the cgroup v2 limit of a container; None where unknown."""
+    """MemAvailable from /proc/meminfo, capped by what a container's cgroup limit leaves; None where unknown."""
     try:
-        meminfo = Path("/proc/meminfo").read_text()
+        meminfo = MEMINFO.read_text()
     except OSError:
         return None
     fields = dict(line.split(":", 1) for line in meminfo.splitlines() if ":" in line)
     if "MemAvailable" not in fields:
         return None
     available = int(fields["MemAvailable"].split()[0]) * 1024
-    cgroup = Path("/sys/fs/cgroup")
     try:
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit != "max":
-            used = int((cgroup / "memory.current").read_text())
-            available = min(available, max(0, int(limit) - used))
-    except (OSError, ValueError):
-        pass  # no cgroup v2 memory controller: MemAvailable stands
-    return available
+        limited = _cgroup_available_bytes(CGROUP)
+    except ValueError:
+        limited = None  # an unreadable limit: MemAvailable stands
+    return available if limited is None else min(available, limited)
 
 
 def available_bytes(device: str) -> int | None:

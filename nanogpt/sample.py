@@ -70,17 +70,24 @@ class SampleOptions:
 
 
 def read_prompt(start: str) -> str:
+    """--start's text: itself, or after FILE: the named file's."""
     if not start.startswith("FILE:"):
         return start
-    path = Path(start[len("FILE:") :])
+    path = start[len("FILE:") :]
+    return read_text_file(Path(path), f"--start=FILE:{path}", "prompt file")
+
+
+def read_text_file(path: Path, option: str, what: str) -> str:
+    """A UTF-8 text file named on the command line; the messages call it `what` and say it came from
+    `option` (eval's --text=... reads its text here too)."""
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise UserError(f"the prompt file {path} (from --start=FILE:{path}) does not exist.") from None
+        raise UserError(f"the {what} {path} (from {option}) does not exist.") from None
     except UnicodeDecodeError:
-        raise UserError(f"the prompt file {path} is not UTF-8 text.") from None
+        raise UserError(f"the {what} {path} (from {option}) is not UTF-8 text. Convert it to UTF-8.") from None
     except OSError as e:
-        raise UserError(f"cannot read the prompt file {path}: {e.strerror}.") from None
+        raise UserError(f"cannot read the {what} {path} (from {option}): {e.strerror}.") from None
 
 
 def encode_prompt(tok: Tokenizer, text: str) -> list[int]:

@@ -52,13 +52,17 @@ def snapshot(folder: Path) -> dict[str, str]:
     }
 
 
-def check(work: Path, damage: Callable[[Path], object] | None, run: Callable[[], fr.Result], *fragments: str) -> None:
+def check(
+    work: Path, damage: Callable[[Path], object] | None, run: Callable[[], fr.Result], *fragments: str
+) -> fr.Result:
     """Apply `damage` to the workspace, run, and check the message and that no file changed."""
     if damage is not None:
         damage(work)
     before = snapshot(work)
-    fr.assert_user_error(run(), *fragments)
+    result = run()
+    fr.assert_user_error(result, *fragments)
     assert snapshot(work) == before
+    return result
 
 
 def train(work: Path, *argv: str, setup=None) -> Callable[[], fr.Result]:
@@ -191,6 +195,28 @@ def old_gpu() -> None:
     torch.cuda.is_available = lambda: True
     torch.cuda.is_bf16_supported = lambda *a, **k: False
     torch.cuda.device_count = lambda: 1
+
+
+def one_gpu() -> None:
+    """In the child: pretend to have one CUDA GPU (with bfloat16), so the device name itself is checked."""
+    torch.cuda.is_available = lambda: True
+    torch.cuda.is_bf16_supported = lambda *a, **k: True
+    torch.cuda.device_count = lambda: 1
+
+
+DEVICE_CASES = {
+    "cuda:x": ["--device=cuda:x is not a device", "cuda:N", "device index"],
+    "cuda:-1": ["--device=cuda:-1 is not a device", "cuda:N"],
+    "cuda:1.5": ["--device=cuda:1.5 is not a device", "cuda:N"],
+    "cuda:": ["--device=cuda: is not a device", "cuda:N"],
+    "cuda:0:1": ["--device=cuda:0:1 is not a device"],
+    "cuda:3": ["--device=cuda:3: this machine has 1 CUDA device(s)", "cuda:0"],
+}
+
+
+@pytest.mark.parametrize("device", DEVICE_CASES)
+def test_malformed_cuda_device(work, device):
+    check(work, None, train(work, *TRAIN, f"--device={device}", setup=one_gpu), *DEVICE_CASES[device])
 
 
 def test_bfloat16_on_an_old_gpu(work):
@@ -379,3 +405,38 @@ def test_nanogpt_checkpoint_without_its_vocabulary_file(work):
     fragments = ["nanoGPT checkpoint with a 41-token vocabulary", "data/tiny/meta.json", "is missing", "meta.pkl"]
     check(work, as_nanogpt_checkpoint_without_meta, sample(work), *fragments)
     check(work, None, train(work, *RESUME), *fragments)
+
+
+# ----------------------------------------------------------------------------- eval
+
+EVAL = ("--out_dir=out", "--device=cpu")
+
+
+def evaluate(work: Path, *argv: str) -> Callable[[], fr.Result]:
+    from nanogpt.evaluate import main
+
+    return lambda: fr.run(main, [*EVAL, *argv], work)
+
+
+EVAL_CASES = {
+    "val.bin empty": (write("data/tiny/val.bin", b""), [], ["data/tiny/val.bin holds 0 tokens", "at least 2"]),
+    "val.bin of one token": (write("data/tiny/val.bin", b"\x01\x00"), [], ["data/tiny/val.bin holds 1 token,"]),
+    "val.bin truncated": (truncate_odd("data/tiny/val.bin"), [], ["val.bin has an odd size", "truncated"]),
+    "token ids beyond the vocabulary": (
+        write("data/tiny/val.bin", b"\xff\xff" * 100),
+        [],
+        ["data/tiny/val.bin contains token id 65535", "41 tokens", "do not match"],
+    ),
+    "--max_tokens=1": (None, ["--max_tokens=1"], ["--max_tokens=1 leaves 1 token", "at least 2"]),
+    "--text missing": (None, ["--text=nope.txt"], ["the text file nope.txt (from --text=nope.txt) does not exist"]),
+    "--text not UTF-8": (write("t.txt", "été".encode("latin-1")), ["--text=t.txt"], ["text file t.txt", "not UTF-8"]),
+    "--text empty": (write("t.txt", b""), ["--text=t.txt"], ["t.txt holds 0 tokens", "at least 2"]),
+    "--text a folder": (None, ["--text=data"], ["cannot read the text file data (from --text=data)"]),
+}
+
+
+@pytest.mark.parametrize("case", EVAL_CASES)
+def test_eval(work, case):
+    damage, argv, fragments = EVAL_CASES[case]
+    result = check(work, damage, evaluate(work, *argv), *fragments)
+    assert "--start" not in result.stderr  # an option of sample, not of eval

@@ -10,9 +10,10 @@ import forkrun as fr
 import pytest
 import torch
 
+from nanogpt import memory
 from nanogpt.device import autocast
 from nanogpt.errors import UserError
-from nanogpt.memory import SAMPLE_ADVICE, available_bytes, generation_bytes, require, training_bytes
+from nanogpt.memory import SAMPLE_ADVICE, TRAIN_ADVICE, available_bytes, generation_bytes, require, training_bytes
 from nanogpt.model import GPT, GPTConfig, KVCache, activation_dtype
 from nanogpt.optim import build_optimizers
 
@@ -37,6 +38,73 @@ def test_require_names_the_parts_and_the_way_down():
     assert message.startswith("generating 9 x 9 tokens needs at least")
     assert "KV cache 1,073,741,824.0 GB, logits 1.0 GB" in message and "the CPU has" in message
     assert "fewer --num_samples" in message
+
+
+GiB = 2**30
+
+
+def fake_machine(monkeypatch, tmp_path: Path, mem_available: int, cgroup_files: dict[str, str]) -> None:
+    """/proc/meminfo and /sys/fs/cgroup as a container sees them, in tmp_path (memory.MEMINFO and CGROUP)."""
+    (tmp_path / "meminfo").write_text(
+        f"MemTotal: {2 * mem_available // 1024} kB\nMemAvailable: {mem_available // 1024} kB\n"
+    )
+    for name, text in cgroup_files.items():
+        (tmp_path / "cgroup" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "cgroup" / name).write_text(text)
+    (tmp_path / "cgroup").mkdir(exist_ok=True)
+    monkeypatch.setattr(memory, "MEMINFO", tmp_path / "meminfo")
+    monkeypatch.setattr(memory, "CGROUP", tmp_path / "cgroup")
+
+
+def cgroup_v2(limit: str, current: int, inactive_file: int, active_file: int) -> dict[str, str]:
+    stat = f"anon {current - inactive_file - active_file}\nfile {inactive_file + active_file}\n"
+    stat += f"active_file {active_file}\ninactive_file {inactive_file}\nshmem 0\n"
+    return {"memory.max": limit + "\n", "memory.current": f"{current}\n", "memory.stat": stat}
+
+
+def cgroup_v1(limit: int, usage: int, inactive_file: int, active_file: int) -> dict[str, str]:
+    stat = f"cache {inactive_file + active_file}\ninactive_file 0\nactive_file 0\n"  # this cgroup alone
+    stat += f"total_inactive_file {inactive_file}\ntotal_active_file {active_file}\n"  # with its children
+    return {
+        "memory/memory.limit_in_bytes": f"{limit}\n",
+        "memory/memory.usage_in_bytes": f"{usage}\n",
+        "memory/memory.stat": stat,
+    }
+
+
+# an 8 GiB container that has read 5 GiB of files (a dataset, checkpoints): 7.5 GiB charged, 2.5 GiB in use
+FILLED_WITH_PAGE_CACHE = {
+    "cgroup v2": cgroup_v2(str(8 * GiB), 15 * GiB // 2, 3 * GiB, 2 * GiB),
+    "cgroup v1": cgroup_v1(8 * GiB, 15 * GiB // 2, 3 * GiB, 2 * GiB),
+}
+
+
+@pytest.mark.parametrize("version", FILLED_WITH_PAGE_CACHE)
+def test_a_containers_page_cache_counts_as_available(monkeypatch, tmp_path, version):
+    """The kernel drops cached file pages before it runs out, so a run that fits beside them is not refused
+    (counting them as used, the check saw 0.5 GiB left and refused a 2 GiB training step)."""
+    fake_machine(monkeypatch, tmp_path, 100 * GiB, FILLED_WITH_PAGE_CACHE[version])
+    assert available_bytes("cpu") == 8 * GiB - 5 * GiB // 2
+    require({"gradients": 2 * GiB}, "cpu", "a training step", TRAIN_ADVICE)  # fits: no error
+    with pytest.raises(UserError, match="a training step needs at least 6.0 GB .* the CPU has 5.5 GB available"):
+        require({"gradients": 6 * GiB}, "cpu", "a training step", TRAIN_ADVICE)
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        (cgroup_v2("max", 7 * GiB, 0, 0), 6 * GiB),  # no limit: MemAvailable
+        (cgroup_v1(2**63 - 4096, 7 * GiB, 0, 0), 6 * GiB),  # v1's "no limit"
+        ({}, 6 * GiB),  # no memory controller at all
+        (cgroup_v2(str(8 * GiB), 3 * GiB, 0, 0), 5 * GiB),  # the limit leaves less than the machine has
+        (cgroup_v2(str(8 * GiB), 3 * GiB, 2 * GiB, 0), 6 * GiB),  # 7 GiB left, but MemAvailable caps it
+        ({"memory.max": f"{8 * GiB}\n", "memory.current": f"{7 * GiB}\n"}, 1 * GiB),  # no memory.stat: all used
+        (cgroup_v2(str(8 * GiB), 9 * GiB, 0, 0), 0),  # over its limit (it happens briefly)
+    ],
+)
+def test_available_memory_in_and_out_of_containers(monkeypatch, tmp_path, files, expected):
+    fake_machine(monkeypatch, tmp_path, 6 * GiB, files)
+    assert available_bytes("cpu") == expected
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
