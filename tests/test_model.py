@@ -327,23 +327,27 @@ def test_rows_of_one_cache_at_different_lengths_decode_as_each_sequence_alone(na
 
 
 def test_rope_attention_depends_on_distance_not_position():
-    """With RoPE and no learned positions, a sequence shifted by k positions (in a longer context whose
-    prefix is masked out by causality) gives the same logits: only relative positions matter."""
+    """With RoPE and no learned positions, a sequence shifted by s positions gives the same logits, through
+    every layer: only relative positions matter. The model reads its positions' angles from rope_cos/rope_sin
+    at 0..T-1; tables computed for block_size + s positions and cut at s put the sequence at s..s+T-1, with
+    nothing before it. The model does use positions: all at the same one, the logits change."""
+    from nanogpt.model import rope_tables
+
     model = sharp_model(seed=1, pos_emb="rope")
     assert "wpe" not in model.transformer and "wpe.weight" not in str(list(model.state_dict()))
-    x = random_ids(1, 6, 32, seed=2)
-    cos, sin = model.rope_cos, model.rope_sin
-    q = torch.randn(1, 1, 1, 16)
-    k = torch.randn(1, 1, 1, 16)
-    from nanogpt.model import apply_rope
-
-    def score(i, j):
-        return (apply_rope(q, cos[i : i + 1], sin[i : i + 1]) * apply_rope(k, cos[j : j + 1], sin[j : j + 1])).sum()
-
-    torch.testing.assert_close(score(7, 3), score(12, 8))  # distance 4 either way
-    assert not torch.allclose(score(7, 3), score(7, 4))
+    cfg = model.config
+    hs = cfg.n_embd // cfg.n_head
+    x = random_ids(2, cfg.block_size, cfg.vocab_size, seed=2)
     with torch.no_grad():
-        assert torch.isfinite(model(x, x)[1])
+        at_zero, loss = model(x, x)
+        assert torch.isfinite(loss)
+        for shift in (1, 5, 100):
+            cos, sin = rope_tables(hs, cfg.block_size + shift, cfg.rope_theta)
+            model.rope_cos, model.rope_sin = cos[shift:], sin[shift:]
+            torch.testing.assert_close(model(x, x)[0], at_zero, rtol=1e-5, atol=1e-4)  # float32 angles
+        cos, sin = rope_tables(hs, cfg.block_size, cfg.rope_theta)
+        model.rope_cos, model.rope_sin = cos[:1].expand_as(cos), sin[:1].expand_as(sin)  # every token at 0
+        assert (model(x, x)[0] - at_zero).abs().max() > 0.1
 
 
 def test_token_shift_adds_the_previous_embeddings_share_through_the_cache_too_and_starts_as_without_it():
@@ -394,7 +398,8 @@ def test_options_change_the_parameters_as_documented():
 
 
 def test_defaults_are_unchanged_gpt2():
-    """The options are off by default: the same parameters, drawn in the same order, as before them."""
+    """The options are off by default, and the parameters are GPT-2's, named as before them (the values drawn
+    are test_the_default_model_draws_nanogpts_weights_for_the_same_seed's)."""
     cfg = GPTConfig()
     assert (cfg.pos_emb, cfg.norm, cfg.qk_norm, cfg.activation, cfg.tie_weights) == (
         "learned",
@@ -406,6 +411,37 @@ def test_defaults_are_unchanged_gpt2():
     assert (cfg.zero_init_proj, cfg.logit_softcap) == (False, 0.0)
     names = list(tiny_model().state_dict())
     assert names[:2] == ["transformer.wte.weight", "transformer.wpe.weight"] and names[-1] == "lm_head.weight"
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_default_model_draws_nanogpts_weights_for_the_same_seed(bias):
+    """With the options at their defaults, the same parameters drawn in the same order as nanoGPT's model.py
+    (the anchor checkout in shared/): for the same seed every tensor is equal, bit for bit, and the random
+    generator ends in the same state (no extra or missing draws)."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    source = Path(__file__).resolve().parents[2] / "shared/anchors/nanoGPT/model.py"
+    if not source.is_file():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"nanoGPT's model.py must be at {source} in CI (shared/ beside the checkout)")
+        pytest.skip(f"nanoGPT's model.py not found at {source}")
+    spec = importlib.util.spec_from_file_location("nanogpt_anchor_model", source)
+    anchor = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(anchor)
+    args = dict(block_size=16, vocab_size=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0, bias=bias)
+    torch.manual_seed(0)
+    theirs = anchor.GPT(anchor.GPTConfig(**args)).state_dict()
+    theirs_next = torch.rand(4)
+    torch.manual_seed(0)
+    ours = GPT(GPTConfig(**args)).state_dict()
+    ours_next = torch.rand(4)
+    theirs = {k: v for k, v in theirs.items() if not k.endswith(".attn.bias")}  # nanoGPT's mask buffer, if any
+    assert list(ours) == list(theirs)
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name
+    assert torch.equal(ours_next, theirs_next)
 
 
 @pytest.mark.parametrize(
