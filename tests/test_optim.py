@@ -182,26 +182,37 @@ def test_our_muon_is_torchs_muon_with_a_choice_of_iteration_dtype():
 
 
 def test_the_speedrun_configs_turn_the_recipe_on_and_train(tmp_path, capsys):
-    """Both speedrun configs parse into valid options with the recipe's techniques, and the CPU one trains
-    (a few seconds of its budget, on generated data) through to its closing line."""
+    """Both speedrun configs parse into valid options with the recipe's techniques (RoPE, QK-norm, ReLU², the
+    token shift, Muon, WSD; the CPU one's 6 x 128 contexts and Muon at half the rate), and the CPU one trains
+    (a few seconds of its budget, on generated data) through to its closing line with them: the model's
+    options in its checkpoint, Muon's rate half AdamW's."""
     from forkrun import make_dataset
 
     from nanogpt.config import parse_args
 
     for name in ("speedrun_shakespeare_char_cpu.py", "speedrun_shakespeare_char.py"):
         o, _ = parse_args(TrainOptions, [f"config/{name}"], "train", "")
-        assert (o.pos_emb, o.qk_norm, o.activation, o.optimizer, o.lr_schedule) == (
+        assert (o.pos_emb, o.qk_norm, o.activation, o.optimizer, o.lr_schedule, o.token_shift) == (
             "rope",
             True,
             "relu2",
             "muon",
             "wsd",
+            True,
         )
         assert o.max_seconds > 0 and o.max_iters >= 100000
+        if name == "speedrun_shakespeare_char_cpu.py":  # the seed's 768 tokens a step in 128-character contexts
+            assert (o.batch_size, o.block_size, o.muon_lr_scale) == (6, 128, 0.5)
     data = make_dataset(tmp_path / "data")
     small = ("--max_seconds=2", "--n_layer=1", "--n_embd=32", "--block_size=16", "--eval_iters=2")
     train_main(
         ["config/speedrun_shakespeare_char_cpu.py", f"--data_dir={data}", f"--out_dir={tmp_path / 'out'}", *small]
     )
     assert "done: final val loss" in capsys.readouterr().out
-    assert load_checkpoint(tmp_path / "out" / "ckpt.pt")["model_args"]["pos_emb"] == "rope"
+    ckpt = load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    model_args = ckpt["model_args"]
+    assert (model_args["pos_emb"], model_args["qk_norm"], model_args["token_shift"]) == ("rope", True, True)
+    adamw_lr = {g["lr"] for g in ckpt["optimizer"]["param_groups"]}
+    muon_lr = {g["lr"] for g in ckpt["muon_optimizer"]["param_groups"]}
+    assert len(adamw_lr) == len(muon_lr) == 1
+    assert muon_lr.pop() == pytest.approx(0.5 * adamw_lr.pop())  # muon_lr_scale applied while training
