@@ -16,7 +16,9 @@ def test_both_commands_run_and_are_tabulated(prepare_char_dataset, capsys):
     out = capsys.readouterr().out
     assert [(r["command"], r["seed"]) for r in results] == [("seed", 1), ("speedrun", 1)]
     for r in results:
-        assert r["iters"] == 5 and r["wall"] > r["train_seconds"] > 0 and 2.0 < r["val"] < 5.0
+        # train_seconds is the closing line's figure, to 0.1 s: five steps of this tiny model may print 0.0, so
+        # the test checks that it was read and fits in the whole command, not how long the steps took
+        assert r["iters"] == 5 and r["wall"] > r["train_seconds"] >= 0 and 2.0 < r["val"] < 5.0
         assert 2.0 < r["val_whole"] < 5.0  # the final checkpoint on the whole val split
         assert r["reached_1886"] is None  # 5 iterations of a tiny model are far from it
     assert "| seed |" in out and "| speedrun |" in out and "not reached (0 of 1)" in out
