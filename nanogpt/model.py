@@ -109,6 +109,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) the next position to fill
         self.slots = torch.arange(config.block_size, device=device)  # (S,) position of each cache slot
+        self.rows = torch.arange(batch_size, device=device)[:, None]  # (B, 1) row indices, for update
         # token_shift: the embedding of the last token fed, the previous token of the next one; float32,
         # the embeddings' own precision under autocast (zeros: the first token has no previous one)
         self.last_embedding = torch.zeros(batch_size, 1, config.n_embd, device=device)
@@ -118,6 +119,7 @@ class KVCache:
         view = object.__new__(KVCache)
         view.k, view.v, view.slots = self.k[:, rows], self.v[:, rows], self.slots
         view.pos, view.last_embedding = self.pos[rows], self.last_embedding[rows]
+        view.rows = self.rows[: view.pos.size(0)]  # a view's rows count from 0, as its k and v do
         return view
 
     @property
@@ -140,10 +142,9 @@ class KVCache:
         """Store this layer's new keys/values (B, nh, T, hs) at each row's `positions` (B, T); return the
         whole cache of this layer, (B, nh, block_size, hs): slots not yet filled are masked out by the caller.
         Keys and values are stored in the cache's dtype (a no-op when they already have it)."""
-        rows = torch.arange(k.size(0), device=k.device)[:, None]  # (B, 1)
         # indexing [rows, :, positions] addresses (B, T) slots of nh x hs values each, hence the transpose
-        self.k[layer][rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[layer][rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
+        self.k[layer][self.rows, :, positions] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[layer][self.rows, :, positions] = v.transpose(1, 2).to(self.v.dtype)
         return self.k[layer], self.v[layer]
 
     def copy_(self, other: KVCache) -> KVCache:

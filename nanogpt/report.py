@@ -111,10 +111,17 @@ class TrainLog:
     closing line times."""
 
     def __init__(
-        self, o: TrainOptions, at: Place, state: TrainState, dtype: str, out_dir: Path, started: float, **metrics_args
+        self,
+        o: TrainOptions,
+        at: Place,
+        state: TrainState,
+        dtype: str,
+        out_dir: Path,
+        tokens_per_iter: int,
+        started: float,
+        **metrics_args,
     ):
-        self.o, self.master, self.started = o, at.master, started
-        self.tokens_per_iter = at.grad_accum * at.world * o.batch_size * o.block_size
+        self.o, self.master, self.started, self.tokens_per_iter = o, at.master, started, tokens_per_iter
         self.watch = DivergenceWatch(at.device)
         # MFU: the model's FLOPs per iteration (PaLM, appendix B) over what the device can do per second
         flops_per_iter = state.model.estimate_flops_per_token() * self.tokens_per_iter / at.world

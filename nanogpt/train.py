@@ -205,7 +205,7 @@ def train(o: TrainOptions, explicit: set[str], at: Place, stop: StopRequest, sta
     model = wrap_model(state.model, o.compile, at)
     out_dir = checkpoint.prepare_out_dir(o.out_dir, (METRICS_NAME, "loss.png")) if at.master else Path(o.out_dir)
     metrics = {"resume_iter": state.iter_num if resumed else None, "eval_done": skip_eval_at is not None}
-    with stop, TrainLog(o, at, state, dtype, out_dir, started, **metrics) as log:
+    with stop, TrainLog(o, at, state, dtype, out_dir, tokens_per_iter, started, **metrics) as log:
         if resumed is not None and resumed["rng"] is not None:
             # restored last, after everything that might draw random numbers: the run continues exactly
             set_rng_state(resumed["rng"], state.data_gens)
