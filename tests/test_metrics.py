@@ -146,7 +146,11 @@ def test_sigkill_then_resume_leaves_one_record_per_iteration(tmp_path, prepare_c
 # ----------------------------------------------------------------------------- samples: watch it learn
 
 
-@pytest.mark.parametrize("extra", [[], ["--activation_checkpointing=True"]], ids=["plain", "activation-checkpointing"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--activation_checkpointing=True"], ["--dtype=bfloat16"]],
+    ids=["plain", "activation-checkpointing", "bfloat16-autocast"],  # the last: the samples under autocast, as on GPUs
+)
 def test_samples_do_not_change_the_training_losses(tmp_path, prepare_char_dataset, tiny_model_args, extra):
     """The same run with and without the samples (dropout and gradient accumulation on, so a draw from the
     global random state or a model left in eval mode would show): the same losses, bit for bit, and the
