@@ -82,6 +82,27 @@ def end_processes(at: Place, together: bool) -> None:
         dist.destroy_process_group()
 
 
+def fail_together(at: Place, failure: str | None) -> None:
+    """End every process when any met `failure` (a message; None: it succeeded) in a step each may fail on
+    its own, such as writing its part of a checkpoint. A collective: every rank calls it, so none is left
+    waiting in the next collective for one that gave up. The master raises the first failure, in rank
+    order, as a UserError (one message); the others exit with the same status 2, quietly."""
+    if at.world == 1:
+        if failure is not None:
+            raise UserError(failure)
+        return
+    import torch.distributed as dist
+
+    failures: list[Any] = [None] * at.world
+    dist.all_gather_object(failures, failure, group=at.cpu_group)
+    first = next(((rank, f) for rank, f in enumerate(failures) if f is not None), None)
+    if first is None:
+        return
+    if at.master:
+        raise UserError(f"process {first[0]} of {at.world}: {first[1]}" if first[0] else first[1])
+    raise SystemExit(2)  # the master says what went wrong, once
+
+
 def shard(model: GPT, at: Place, dtype: str) -> None:
     """FSDP2: each block, then the rest (embeddings, final norm, head), sharded over all ranks. Mixed
     precision through its policy: blocks compute in bfloat16 when asked, while the float32 shards stay the
