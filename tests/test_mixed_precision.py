@@ -12,6 +12,7 @@ predictions are so sure that 16-bit rounding cannot flip an argmax, so any diffe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -69,6 +70,24 @@ def sure_model(pattern_data, tmp_path_factory) -> Path:
     out_dir = tmp_path_factory.mktemp("sure") / "out"
     train_main(train_args(pattern_data, out_dir, "cpu", "--max_iters=150", "--eval_interval=150"))
     return out_dir
+
+
+@contextlib.contextmanager
+def linear_output_dtypes():
+    """The set of (phase, dtype) of every nn.Linear output computed inside the block: phase "train" for a
+    forward with gradients (a training micro-step), "eval" without (an evaluation or a sample). Under
+    autocast every matmul gives 16-bit outputs; an ignored --dtype would show float32 here."""
+    seen: set[tuple[str, torch.dtype]] = set()
+
+    def hook(module, args, output):
+        if isinstance(module, torch.nn.Linear):
+            seen.add(("train" if torch.is_grad_enabled() else "eval", output.dtype))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 def samples(out: str) -> list[str]:
@@ -132,15 +151,21 @@ def test_sample_command_greedy_output_is_the_same_with_and_without_cache(
 @pytest.mark.parametrize("dtype", HALF)
 def test_training_evaluation_and_resume_under_autocast(pattern_data, tmp_path, capsys, device, dtype):
     """Train, evaluate and checkpoint in 16 bits; a stopped and resumed run ends bit-identical to a straight one.
-    float16 trains with a GradScaler whose state travels in the checkpoint."""
+    float16 trains with a GradScaler whose state travels in the checkpoint. Every matmul of the training
+    steps and of the evaluations (first run and resumed one alike) gives 16-bit outputs: autocast was on."""
+    half = getattr(torch, dtype)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ("--eval_interval=4", f"--dtype={dtype}")
-    train_main(train_args(pattern_data, straight, device, *common, "--max_iters=8"))
+    with linear_output_dtypes() as seen:
+        train_main(train_args(pattern_data, straight, device, *common, "--max_iters=8"))
+    assert seen == {("train", half), ("eval", half)}
     losses = {int(m[1]): float(m[3]) for m in STEP.finditer(capsys.readouterr().out)}
     assert set(losses) == {0, 4, 8} and losses[8] < losses[0] - 0.5
 
     train_main(train_args(pattern_data, resumed, device, *common, "--max_iters=4"))
-    train_main(train_args(pattern_data, resumed, device, *common, "--max_iters=8", "--init_from=resume"))
+    with linear_output_dtypes() as seen:
+        train_main(train_args(pattern_data, resumed, device, *common, "--max_iters=8", "--init_from=resume"))
+    assert seen == {("train", half), ("eval", half)}  # the resumed run is under autocast too
     a, b = load_checkpoint(straight / "ckpt.pt"), load_checkpoint(resumed / "ckpt.pt")
     assert a["iter_num"] == b["iter_num"] == 8
     for name, tensor in a["model"].items():
