@@ -11,6 +11,7 @@ The tests also run each script once as a genuine `python train.py ...` subproces
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import queue
 import shutil
@@ -238,6 +239,73 @@ if os.environ.get("NANOGPT_TEST_LOSSES"):
     import forkrun
     forkrun.loss_recorder(os.environ["NANOGPT_TEST_LOSSES"])()
 """
+
+
+# A torchrun worker script (`python -m torch.distributed.run ... <file> <records_dir> <train.py options>`):
+# nanogpt's real training loop, recording in records_dir/rank<RANK>.json what number formats it computed in:
+# - "linear": "<phase> <output dtype> <weight dtype>" of every nn.Linear forward, phase "train" (with
+#   gradients: a training micro-step) or "eval" (an evaluation or a sample); the weight as the layer holds it
+#   during the forward (under FSDP the unsharded, cast copy);
+# - "master": "<type> <dtype>" of every parameter the optimizer updates, and "grads": "<dtype>" of their
+#   gradients, seen just before each optimizer step;
+# - "reduce_scatter": the dtype of every reduce-scatter's input (FSDP's gradient reduction).
+PRECISION_DRIVER = """
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from nanogpt.train import main
+
+seen = {"linear": set(), "master": set(), "grads": set(), "reduce_scatter": set()}
+
+
+def linear_hook(module, args, output):
+    if isinstance(module, torch.nn.Linear):
+        phase = "train" if torch.is_grad_enabled() else "eval"
+        seen["linear"].add(f"{phase} {output.dtype} {module.weight.dtype}")
+
+
+def record_step(optimizer, args, kwargs):
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            seen["master"].add(f"{type(p).__name__} {p.dtype}")
+            if p.grad is not None:
+                seen["grads"].add(str(p.grad.dtype))
+
+
+reduce_scatter_single = dist.reduce_scatter_single
+
+
+def recording_reduce_scatter(output, input, *args, **kwargs):
+    seen["reduce_scatter"].add(str(input.dtype))
+    return reduce_scatter_single(output, input, *args, **kwargs)
+
+
+dist.reduce_scatter_single = recording_reduce_scatter  # FSDP2 calls it as dist.reduce_scatter_single
+torch.nn.modules.module.register_module_forward_hook(linear_hook)
+register_optimizer_step_pre_hook(record_step)
+main(sys.argv[2:])
+with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as f:
+    json.dump({k: sorted(v) for k, v in seen.items()}, f)
+"""
+
+
+def precision_driver(folder: Path) -> tuple[Path, Path]:
+    """PRECISION_DRIVER written to folder, and the empty folder its records go to: (script, records_dir)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    script, records = folder / "precision_driver.py", folder / "precision_records"
+    script.write_text(PRECISION_DRIVER, encoding="utf-8")
+    records.mkdir()
+    return script, records
+
+
+def precision_records(records: Path, ranks: int) -> list[dict[str, list[str]]]:
+    """What each rank's PRECISION_DRIVER recorded, in rank order."""
+    return [json.loads((records / f"rank{r}.json").read_text(encoding="utf-8")) for r in range(ranks)]
 
 
 def failing_atomic_open(real_atomic_open: Callable, error: Callable[[], BaseException], after: int = 4096):

@@ -17,17 +17,23 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bfloat16: DDP under autocast, as on GPUs
 def test_two_cpu_processes_train_log_once_and_write_one_checkpoint(
-    run_script, repo_root, tiny_checkpoint, tiny_model_args, tmp_path, dtype
+    run_script, tiny_checkpoint, tiny_model_args, tmp_path, dtype
 ):
+    """Two processes train, rank 0 alone logs and saves. Each worker records the number formats it computed
+    in (forkrun.PRECISION_DRIVER): in both processes every matmul of the training steps and evaluations
+    gives `dtype` outputs (bfloat16: autocast was in effect there), while the weights, the gradients DDP
+    all-reduces and the optimizer applies, and the checkpoint stay float32."""
     data_dir = tiny_checkpoint.parent / "data"  # a prepared char dataset
     out_dir = tmp_path / "out"
+    driver, records = fr.precision_driver(tmp_path / "driver")
     args = [a for a in tiny_model_args if not a.startswith("--gradient_accumulation_steps")]
     proc = run_script(
         "-m",
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
-        repo_root / "train.py",
+        driver,
+        records,
         *args,
         "--gradient_accumulation_steps=2",
         f"--data_dir={data_dir}",
@@ -57,6 +63,13 @@ def test_two_cpu_processes_train_log_once_and_write_one_checkpoint(
     assert ckpt["iter_num"] == 6
     assert not any(k.startswith("module.") for k in ckpt["model"])
     assert ckpt["config"]["gradient_accumulation_steps"] == 2
+    assert ckpt["config"]["dtype"] == dtype
+    assert all(t.dtype == torch.float32 for t in ckpt["model"].values())  # float32 master weights
+    # in each process: matmuls in `dtype` (autocast casts the float32 weights per op), float32 gradients
+    for rank in fr.precision_records(records, 2):
+        assert rank["linear"] == [f"{phase} torch.{dtype} torch.float32" for phase in ("eval", "train")], rank
+        assert rank["master"] == ["Parameter torch.float32"] and rank["grads"] == ["torch.float32"], rank
+        assert rank["reduce_scatter"] == []  # DDP all-reduces
 
 
 # Runs in each torchrun worker: nanogpt's real training loop, with DDP and the optimizer instrumented.
