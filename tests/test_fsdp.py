@@ -44,16 +44,19 @@ def args(tiny_checkpoint, tiny_model_args) -> list[str]:
     ]  # fmt: skip
 
 
-def torchrun_command(args: list[str], out: Path, *extra: str, nproc: int = 2) -> list:
+def torchrun_command(args: list[str], out: Path, *extra: str, nproc: int = 2, script: list | None = None) -> list:
+    """torchrun of train.py, or of `script` (a worker script and its own arguments) given train.py's options."""
     return [
-        "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", fr.REPO / "train.py",
+        "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *(script or [fr.REPO / "train.py"]),
         *args, f"--out_dir={out}", *extra,
     ]  # fmt: skip
 
 
-def torchrun(args: list[str], out: Path, *extra: str, nproc: int = 2) -> str:
-    """A finished torchrun of train.py; returns its output, stdout then stderr (where warnings go)."""
-    proc = fr.run_script(*torchrun_command(args, out, *extra, nproc=nproc), cwd=out.parent, timeout=240)
+def torchrun(args: list[str], out: Path, *extra: str, nproc: int = 2, script: list | None = None) -> str:
+    """A finished torchrun of train.py (or `script`); returns its output, stdout then stderr (where warnings go)."""
+    command = torchrun_command(args, out, *extra, nproc=nproc, script=script)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    proc = fr.run_script(*command, cwd=out.parent, timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     return proc.stdout + proc.stderr
@@ -253,9 +256,21 @@ MODERN = [  # every architecture option of the speedrun configs and beyond, all 
 
 
 def test_fsdp_trains_every_architecture_option_in_bfloat16_and_activation_checkpointing_changes_no_loss(args, tmp_path):
-    """bfloat16 goes through FSDP's mixed-precision policy: bfloat16 compute, float32 master weights."""
+    """bfloat16 goes through FSDP's mixed-precision policy: bfloat16 compute, float32 master weights. Each
+    worker records its number formats (forkrun.PRECISION_DRIVER): during the forward every Linear holds its
+    weight unsharded in bfloat16 (param_dtype) and computes in bfloat16, while the sharded weights the
+    optimizer updates stay float32 DTensors, their gradients float32, reduce-scattered in float32
+    (reduce_dtype)."""
     options = ["--max_iters=4", "--fsdp=True", "--dtype=bfloat16", *MODERN]
-    plain = losses(torchrun(args, tmp_path / "plain", *options))
+    driver, records = fr.precision_driver(tmp_path / "driver")
+    plain = losses(torchrun(args, tmp_path / "plain", *options, script=[driver, records]))
+    for r, rank in enumerate(fr.precision_records(records, 2)):
+        assert rank["linear"] == ["eval torch.bfloat16 torch.bfloat16", "train torch.bfloat16 torch.bfloat16"], rank
+        assert rank["grads"] == ["torch.float32"] and rank["reduce_scatter"] == ["torch.float32"], rank
+        # the sharded master weights; rank 0 then consolidates ckpt.pt through a plain (float32) model
+        assert "DTensor torch.float32" in rank["master"], rank
+        assert all(m.endswith(" torch.float32") for m in rank["master"]), rank
+        assert r == 0 or rank["master"] == ["DTensor torch.float32"], rank
     ac = tmp_path / "ac"
     recomputed = losses(torchrun(args, ac, *options, "--activation_checkpointing=True", "--consolidate=False"))
     assert recomputed == pytest.approx(plain, abs=1e-5)  # recomputing activations changes no result
