@@ -363,14 +363,38 @@ def script_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def popen_script(script: str | os.PathLike, *args: str | os.PathLike, cwd: Path, env: dict[str, str] | None = None):
+def popen_script(
+    script: str | os.PathLike,
+    *args: str | os.PathLike,
+    cwd: Path,
+    env: dict[str, str] | None = None,
+    new_session: bool = False,
+):
     """A genuine `python <script> args...` subprocess (a path relative to the repository, or a flag such as
-    -m or -c), text output piped."""
+    -m or -c), text output piped. With new_session, it leads a process group of its own (its pid is the
+    group's id) that holds whatever it starts, torchrun's workers included: see kill_group."""
     cmd = [sys.executable, script if str(script).startswith("-") else str(REPO / script), *map(str, args)]
     env = env or script_env()
     return subprocess.Popen(
-        cmd, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=new_session,
     )
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Send sig to every process left in the group of a popen_script(..., new_session=True) child (torchrun
+    and its workers; none if all have ended), and reap the child if the signal ends it."""
+    with _suppress():
+        os.killpg(proc.pid, sig)
+    if sig == signal.SIGKILL:
+        with _suppress():
+            proc.wait(timeout=30)
 
 
 def run_script(
@@ -391,14 +415,32 @@ def run_script(
         (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
         full_env["PYTHONPATH"] = os.pathsep.join([str(site), full_env["PYTHONPATH"]])
         full_env.update(NANOGPT_TEST_LOSSES=str(record_losses), NANOGPT_TEST_DIR=str(Path(__file__).parent))
-    proc = popen_script(script, *args, cwd=cwd, env=full_env)
+    proc = popen_script(script, *args, cwd=cwd, env=full_env, new_session=True)
     try:
         out, err = proc.communicate(input=input, timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
+        kill_group(proc)  # the script and anything it started (torchrun's workers hold the pipes too)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            out, err = "(no output: the pipes stayed open)", ""
         raise AssertionError(f"{script} {args} ran longer than {timeout}s:\n{out}\n{err}") from None
+    finally:
+        kill_group(proc)  # no worker outlives its run
     return Result(proc.returncode, out, err)
+
+
+def logged_losses(out_dir: Path) -> list[tuple]:
+    """Every loss a training run logged in out_dir/metrics.jsonl, in full precision (as the floats were
+    computed; the printed lines have 4 decimals): ("train", iter, loss) for each logged iteration and
+    ("eval", iter, train loss, val loss) for each evaluation, in the order written."""
+    from nanogpt.metrics import METRICS_NAME, read_metrics
+
+    return [
+        (r["kind"], r["iter"], *(r[k] for k in ("train_loss", "val_loss") if k in r))
+        for r in read_metrics(out_dir / METRICS_NAME)
+        if r["kind"] in ("train", "eval")
+    ]
 
 
 def assert_user_error(result: Result, *fragments: str) -> None:
@@ -412,12 +454,29 @@ def assert_user_error(result: Result, *fragments: str) -> None:
         assert fragment in message, f"{fragment!r} not in {message!r}"
 
 
-def signal_at_line(args: Sequence[str | os.PathLike], cwd: Path, prefix: str, sig: int, timeout: float = 240) -> Result:
-    """Run `python *args` (popen_script) and send `sig` to it as soon as it prints a line starting with
-    `prefix` (torchrun passes SIGTERM on to its workers); returns the finished run. The lines are read on
-    a thread, so a child that goes quiet (or never prints `prefix`) is killed after `timeout` seconds and
-    the test fails with what it printed, instead of blocking in readline."""
-    proc = popen_script(*args, cwd=cwd)
+def signal_at_line(
+    args: Sequence[str | os.PathLike],
+    cwd: Path,
+    prefix: str,
+    sig: int,
+    timeout: float = 240,
+    group: bool = False,
+) -> Result:
+    """Run `python *args` (popen_script) and send `sig` as soon as it prints a line starting with `prefix`:
+    to the child alone (torchrun passes SIGTERM on to its workers), or with group=True to its whole process
+    group (torchrun and its workers: a SIGKILL that ends them all); returns the finished run. The child
+    leads a process group of its own, and whatever is left of it when this returns (or fails) is killed,
+    so no worker outlives the test. The lines are read on a thread, so a child that goes quiet (or never
+    prints `prefix`) is killed after `timeout` seconds and the test fails with what it printed, instead of
+    blocking in readline."""
+    proc = popen_script(*args, cwd=cwd, new_session=True)
+    try:
+        return _signal_at_line(proc, args, prefix, sig, timeout, group)
+    finally:
+        kill_group(proc)
+
+
+def _signal_at_line(proc: subprocess.Popen, args, prefix: str, sig: int, timeout: float, group: bool) -> Result:
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None and proc.stderr is not None
     lines: queue.Queue[str | None] = queue.Queue()
@@ -440,8 +499,7 @@ def signal_at_line(args: Sequence[str | os.PathLike], cwd: Path, prefix: str, si
         except queue.Empty:
             line = None
             if not signalled:
-                proc.kill()
-                proc.wait()
+                kill_group(proc)
                 reader.join(5)
                 err_reader.join(5)
                 raise AssertionError(
@@ -451,13 +509,15 @@ def signal_at_line(args: Sequence[str | os.PathLike], cwd: Path, prefix: str, si
             break
         out.append(line)
         if not signalled and line.startswith(prefix):
-            proc.send_signal(sig)
+            if group:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
             signalled = True
     try:
         proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        kill_group(proc)
         reader.join(5)
         err_reader.join(5)
         raise AssertionError(

@@ -202,29 +202,36 @@ def test_accumulation_steps_must_divide_among_the_processes(
 def test_ddp_stopped_by_sigterm_resumes_bit_identically(
     run_script, repo_root, tiny_checkpoint, tiny_model_args, tmp_path
 ):
-    """Two processes, 24 iterations straight, against a run that torchrun stops with SIGTERM mid-run and a
-    resume: the processes agree on where to stop, interrupt.pt holds each rank's random streams
-    (rng_ranks), so the weights and every logged loss are bit for bit the same, dropout included."""
+    """Two processes that torchrun stops with SIGTERM mid-run (a run of a million iterations, signalled once
+    rank 0 printed iteration 5), resumed to a few iterations past the stop, against a run straight to
+    there: the processes agree on where to stop, interrupt.pt holds each rank's random streams
+    (rng_ranks), so the weights and every logged loss (metrics.jsonl's full-precision floats, before and
+    after the stop) are bit for bit the same, dropout included."""
     data_dir = tiny_checkpoint.parent / "data"
     args = [a for a in tiny_model_args if not a.startswith(("--gradient_accumulation_steps", "--dropout"))]
     args += ["--gradient_accumulation_steps=2", f"--data_dir={data_dir}", "--eval_interval=4", "--warmup_iters=0"]
-    args += ["--dropout=0.1", "--learning_rate=1e-2", "--max_iters=24"]  # dropout: each rank's own generator
+    args += ["--dropout=0.1", "--learning_rate=1e-2"]  # dropout: each rank's own generator
     command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", repo_root / "train.py", *args]
 
-    straight = run_script(*command, f"--out_dir={tmp_path / 'straight'}", timeout=240)
-    assert straight.returncode == 0, straight.stderr
     out = tmp_path / "stopped"
-    stopped = fr.signal_at_line([*command, f"--out_dir={out}"], tmp_path, "iter 5:", signal.SIGTERM)
+    stopped = fr.signal_at_line(
+        [*command, f"--out_dir={out}", "--max_iters=1000000"], tmp_path, "iter 5:", signal.SIGTERM
+    )
     stop = re.search(r"stopped by SIGTERM at iteration (\d+); saved (\S+)\.", stopped.stderr)
     assert stopped.returncode != 0 and stop and stop[2] == str(out / "interrupt.pt"), stopped.stderr
     ckpt = load_checkpoint(out / "interrupt.pt")
     assert ckpt["iter_num"] == int(stop[1]) > 5
     assert len(ckpt["rng_ranks"]) == 2 and ckpt["rng"]["data"][0].equal(ckpt["rng_ranks"][0]["data"][0])
     assert not ckpt["rng_ranks"][0]["data"][0].equal(ckpt["rng_ranks"][1]["data"][0])
-    resumed = run_script(*command, f"--out_dir={out}", "--init_from=resume", timeout=240)
+    end = f"--max_iters={ckpt['iter_num'] + 6}"  # the learning rate follows lr_decay_iters, not max_iters
+    resumed = run_script(*command, f"--out_dir={out}", end, "--init_from=resume", timeout=240)
     assert resumed.returncode == 0 and "not bit-identical" not in resumed.stderr, resumed.stderr
+    straight = run_script(*command, f"--out_dir={tmp_path / 'straight'}", end, timeout=240)
+    assert straight.returncode == 0, straight.stderr
+
     a = load_checkpoint(tmp_path / "straight" / "ckpt.pt")["model"]
     b = load_checkpoint(out / "ckpt.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    losses = lambda run: dict(re.findall(r"^iter (\d+): loss ([\d.]+)", run.stdout, re.M))  # noqa: E731
-    assert losses(resumed) == {i: v for i, v in losses(straight).items() if int(i) >= ckpt["iter_num"]}
+    logged = fr.logged_losses(out)  # the stopped run's records before the stop, then the resumed run's
+    assert [r[1] for r in logged if r[0] == "train"] == list(range(ckpt["iter_num"] + 7))
+    assert logged == fr.logged_losses(tmp_path / "straight")
