@@ -130,31 +130,51 @@ def worker_pid(parent: int, rank: int) -> int | None:
     return None
 
 
+def straight_to(end: int, straight: tuple[Path, str], args: list[str], tmp_path: Path) -> Path:
+    """The out_dir of an uninterrupted --fsdp run to iteration `end`: the module's `straight` run for its 12."""
+    if end == 12:
+        return straight[0]
+    out = tmp_path / f"straight{end}"
+    torchrun(args, out, f"--max_iters={end}", "--fsdp=True")
+    return out
+
+
 def test_one_rank_killed_mid_run_resumes_bit_identically(straight, args, tmp_path):
-    """SIGKILL one of the two processes as soon as the first checkpoint is complete (torchrun then stops
-    the other), resume with the same command: the weights and every loss after the checkpoint are those
-    of the run nobody stopped."""
+    """SIGKILL one of the two processes of a run of a million iterations as soon as its first checkpoint is
+    complete (torchrun then stops the other), resume with the same command to iteration 12 (or 4 past the
+    checkpoint, if it got further): the weights, AdamW's moments and every loss of metrics.jsonl (full
+    precision, those before the kill included) are those of a run nobody stopped."""
     out = tmp_path / "killed"
-    command = torchrun_command(args, out, "--max_iters=12", "--fsdp=True")
-    proc = fr.popen_script(*command, cwd=tmp_path, env=fr.script_env())
+    command = torchrun_command(args, out, "--max_iters=1000000", "--fsdp=True")
+    proc = fr.popen_script(*command, cwd=tmp_path, env=fr.script_env(), new_session=True)
     manifest = out / SHARDED_NAME / MANIFEST_NAME
-    deadline = time.time() + 120
-    while not manifest.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
-    victim = worker_pid(proc.pid, rank=1)
-    assert victim is not None, "rank 1 finished before its first checkpoint"
-    os.kill(victim, signal.SIGSTOP)  # frozen where it stands; then killed without warning
-    os.kill(victim, signal.SIGKILL)
-    _, err = proc.communicate(timeout=120)
+    try:
+        deadline = time.monotonic() + 120
+        while not manifest.exists():  # written once every shard of the first checkpoint is
+            if proc.poll() is not None or time.monotonic() > deadline:
+                fr.kill_group(proc)
+                raise AssertionError("no checkpoint within 120 s:\n" + "\n".join(proc.communicate(timeout=30)))
+            time.sleep(0.005)
+        victim = worker_pid(proc.pid, rank=1)
+        assert victim is not None, "rank 1 is not running"
+        os.kill(victim, signal.SIGSTOP)  # frozen where it stands; then killed without warning
+        os.kill(victim, signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        fr.kill_group(proc)  # torchrun and rank 0 too, if they outlived their partner
     assert proc.returncode != 0 and "exitcode : -9" in " ".join(err.split()), err
     saved = json.loads(manifest.read_text())["iter_num"]
-    assert saved in (4, 8) and not (out / "ckpt.pt").exists()
+    assert saved >= 4 and saved % 4 == 0 and not (out / "ckpt.pt").exists()
 
-    resumed = torchrun(args, out, "--max_iters=12", "--fsdp=True", "--init_from=resume")
+    end = max(12, saved + 4)
+    resumed = torchrun(args, out, f"--max_iters={end}", "--fsdp=True", "--init_from=resume")
     assert f"resuming from {out / SHARDED_NAME}" in resumed and "not bit-identical" not in resumed
     assert resumed.count("resuming from") == 1  # rank 0 alone says so
-    assert losses(resumed) == {i: v for i, v in losses(straight[1]).items() if i >= saved}
-    a = load_checkpoint(straight[0] / "ckpt.pt")
+    reference = straight_to(end, straight, args, tmp_path)
+    logged = fr.logged_losses(out)  # the killed run's records before its checkpoint, then the resumed run's
+    assert [r[1] for r in logged if r[0] == "train"] == list(range(end + 1))
+    assert logged == fr.logged_losses(reference)
+    a = load_checkpoint(reference / "ckpt.pt")
     b = load_checkpoint(out / "ckpt.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     for i, state in a["optimizer"]["state"].items():  # AdamW's moments too
@@ -162,22 +182,28 @@ def test_one_rank_killed_mid_run_resumes_bit_identically(straight, args, tmp_pat
 
 
 def test_sigterm_saves_a_sharded_checkpoint_that_resumes_bit_identically(straight, args, tmp_path):
-    """torchrun passes SIGTERM on to both processes, which agree on the iteration to stop after and write
-    interrupt.dcp together, every rank's random streams in it; ckpt.dcp (the evaluations') is left alone."""
+    """torchrun passes SIGTERM on to both processes (of a run of a million iterations, signalled once rank 0
+    printed iteration 5), which agree on the iteration to stop after and write interrupt.dcp together, every
+    rank's random streams in it; ckpt.dcp (the evaluations') is left alone. Resumed to iteration 12 (or 4
+    past the stop), the weights and every loss of metrics.jsonl (full precision) are a straight run's."""
     out = tmp_path / "stopped"
-    command = torchrun_command(args, out, "--max_iters=12", "--fsdp=True")
+    command = torchrun_command(args, out, "--max_iters=1000000", "--fsdp=True")
     stopped = fr.signal_at_line(command, tmp_path, "iter 5:", signal.SIGTERM)
     stop = re.search(r"stopped by SIGTERM at iteration (\d+); saved (\S+)\.", stopped.stderr)
     assert stopped.returncode != 0 and stop and stop[2].startswith(str(out / INTERRUPT_SHARDED_NAME)), stopped.stderr
     saved = int(stop[1])
     assert json.loads((out / INTERRUPT_SHARDED_NAME / MANIFEST_NAME).read_text())["iter_num"] == saved > 5
     assert json.loads((out / SHARDED_NAME / MANIFEST_NAME).read_text())["iter_num"] < saved  # untouched
-    resumed = torchrun(args, out, "--max_iters=12", "--fsdp=True", "--init_from=resume")
+    end = max(12, saved + 4)
+    resumed = torchrun(args, out, f"--max_iters={end}", "--fsdp=True", "--init_from=resume")
     assert f"resuming from {out / INTERRUPT_SHARDED_NAME}" in resumed and f"at iteration {saved}" in resumed
     assert "not bit-identical" not in resumed
     assert not (out / INTERRUPT_SHARDED_NAME).exists()  # a later evaluation's save is further along
-    assert losses(resumed) == {i: v for i, v in losses(straight[1]).items() if i >= saved}
-    a, b = load_checkpoint(straight[0] / "ckpt.pt")["model"], load_checkpoint(out / "ckpt.pt")["model"]
+    reference = straight_to(end, straight, args, tmp_path)
+    logged = fr.logged_losses(out)  # the stopped run's records before the stop, then the resumed run's
+    assert [r[1] for r in logged if r[0] == "train"] == list(range(end + 1))
+    assert logged == fr.logged_losses(reference)
+    a, b = load_checkpoint(reference / "ckpt.pt")["model"], load_checkpoint(out / "ckpt.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
