@@ -116,28 +116,33 @@ def test_training_writes_every_logged_iteration_and_evaluation(tmp_path, prepare
 
 
 def test_sigkill_then_resume_leaves_one_record_per_iteration(tmp_path, prepare_char_dataset):
-    """A real SIGKILL in the middle of a run: the file stays readable, and after resume every iteration
-    appears once, the evaluations included."""
+    """A real SIGKILL in the middle of a run (of a million iterations, killed once metrics.jsonl holds its
+    third evaluation): the file stays readable, and after resume (to 20 iterations past the last record)
+    every iteration appears once, the evaluations included."""
     data_dir = prepare_char_dataset()
-    args = [*fr.TINY, f"--data_dir={data_dir}", "--out_dir=out", "--eval_interval=10", "--max_iters=400"]
-    child = fr.start(fr.train_main(), args, tmp_path)
+    args = [*fr.TINY, f"--data_dir={data_dir}", "--out_dir=out", "--eval_interval=10"]
+    child = fr.start(fr.train_main(), [*args, "--max_iters=1000000"], tmp_path)
     path = tmp_path / "out" / METRICS_NAME
-    deadline = time.monotonic() + 60
-    while not (path.exists() and len(iters(read_metrics(path), "eval")) >= 3):  # past two checkpoints
-        assert child.poll() is None and time.monotonic() < deadline, child.wait().stderr
-        time.sleep(0.01)
-    child.signal(signal.SIGKILL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (path.exists() and len(iters(read_metrics(path), "eval")) >= 3):  # past two checkpoints
+            assert child.poll() is None and time.monotonic() < deadline, child.err.read_text()
+            time.sleep(0.01)
+    finally:
+        child.signal(signal.SIGKILL)
     assert child.wait().returncode == -signal.SIGKILL
     before = read_metrics(path)
-    assert before and max(iters(before, "train")) >= 19  # killed after the evaluation at iteration 20, or later
-    result = fr.run(fr.train_main(), [*args, "--init_from=resume"], tmp_path, timeout=120)
+    last = max(iters(before, "train"))
+    assert last >= 19  # killed after the evaluation at iteration 20, or later
+    end = (last // 10 + 2) * 10  # past every record and checkpoint of the killed run; the lr ignores max_iters
+    result = fr.run(fr.train_main(), [*args, f"--max_iters={end}", "--init_from=resume"], tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     r = read_metrics(path)
-    assert iters(r, "train") == list(range(401))
-    assert evaluations(r) == list(range(0, 401, 10))  # each evaluation's sample once, in order
+    assert iters(r, "train") == list(range(end + 1))
+    assert evaluations(r) == list(range(0, end + 1, 10))  # each evaluation's sample once, in order
     assert len(path.read_text().splitlines()) == len(r)  # no torn or duplicate line left behind
     # and the very samples of an uninterrupted run: the resumed model is the same, its generator seeded afresh
-    straight = fr.run(fr.train_main(), [*args, "--out_dir=straight"], tmp_path, timeout=120)
+    straight = fr.run(fr.train_main(), [*args, "--out_dir=straight", f"--max_iters={end}"], tmp_path, timeout=120)
     assert straight.returncode == 0, straight.stderr
     texts = [(x["iter"], x["text"]) for x in r if x["kind"] == "sample"]
     assert texts == [(x["iter"], x["text"]) for x in records_of(tmp_path / "straight") if x["kind"] == "sample"]
