@@ -218,7 +218,7 @@ def resume_command(argv: Sequence[str]) -> str:
 def resume_model(o: TrainOptions, explicit: set[str], at: Place) -> tuple[GPT, dict[str, Any]]:
     """The model of the checkpoint in out_dir that is further along, and that checkpoint. With fsdp, a
     sharded checkpoint's weights stay on disk until the model is sharded (TrainState.restore loads them)."""
-    path, ckpt = checkpoint.load_resume_checkpoint(o.out_dir, sharded=at.fsdp)
+    path, ckpt = checkpoint.load_resume_checkpoint(o.out_dir, at)
     saved = ckpt["model_args"]
     clash = [
         f"{k}: checkpoint {saved[k]!r}, requested {getattr(o, k)!r}"

@@ -14,6 +14,7 @@ deletes the interrupt checkpoints, which it has overtaken.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -36,6 +37,7 @@ from nanogpt.checkpoint.file import (
 from nanogpt.checkpoint.sharded import (
     MANIFEST_NAME,
     STATE_NAME,
+    check_shards,
     load_checked_shards,
     load_sharded,
     load_sharded_state,
@@ -43,7 +45,7 @@ from nanogpt.checkpoint.sharded import (
     read_manifest,
     save_sharded,
 )
-from nanogpt.distributed import Place
+from nanogpt.distributed import Place, fail_together
 from nanogpt.errors import UserError
 
 __all__ = [
@@ -94,18 +96,23 @@ def save(
     if at.fsdp:
         if say and at.master:
             say(f"saving sharded checkpoint to {out_dir / FOLDERS[reason]}")
-        saved = save_sharded(out_dir / FOLDERS[reason], model, optimizers[0], progress)
+        saved = save_sharded(out_dir / FOLDERS[reason], model, optimizers[0], progress, at)
     else:
-        saved = out_dir / FILES[reason]
+        saved, failure = out_dir / FILES[reason], None
         if at.master:
             if say:
                 say(f"saving checkpoint to {saved}")
             weights = {"model": model.state_dict(), "optimizer": optimizers[0].state_dict()}
             if len(optimizers) > 1:
                 weights["muon_optimizer"] = optimizers[1].state_dict()
-            save_checkpoint(saved, {**weights, **progress})
+            try:
+                save_checkpoint(saved, {**weights, **progress})
+            except UserError as e:  # told to every process: none waits for a master that gave up
+                failure = str(e)
+        fail_together(at, failure)
     if reason == "eval" and at.master:  # the checkpoint just written is further along than an interrupt's
-        (out_dir / INTERRUPT_NAME).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (out_dir / INTERRUPT_NAME).unlink(missing_ok=True)
         shutil.rmtree(out_dir / INTERRUPT_SHARDED_NAME, ignore_errors=True)
     return saved
 
@@ -127,12 +134,13 @@ def load_model_checkpoint(out_dir: str | Path, name: str | None = None) -> tuple
     return out_dir / CKPT_NAME, load_checkpoint(out_dir / CKPT_NAME)  # raises the message for a missing one
 
 
-def load_resume_checkpoint(out_dir: str | Path, sharded: bool = False) -> tuple[Path, dict[str, Any]]:
+def load_resume_checkpoint(out_dir: str | Path, at: Place | None = None) -> tuple[Path, dict[str, Any]]:
     """The checkpoint to resume from, whichever is further along: ckpt.pt, interrupt.pt, or the sharded
-    ckpt.dcp or interrupt.dcp. sharded=True (an --fsdp run, which loads shards where they belong) leaves a
-    sharded checkpoint's weights and optimizer state on disk: the dict then has "shards", its folder,
-    instead of "model" and "optimizer"."""
-    out_dir = Path(out_dir)
+    ckpt.dcp or interrupt.dcp. A damaged one is skipped with a warning when another is whole. With `at` of
+    an --fsdp run (which loads shards where they belong; a collective then), a sharded checkpoint's
+    weights and optimizer state stay on disk, checked: the dict has "shards", its folder, instead of
+    "model" and "optimizer"."""
+    out_dir, sharded = Path(out_dir), at is not None and at.fsdp
     found, damaged = [], []
     for name in (CKPT_NAME, INTERRUPT_NAME):
         path = out_dir / name
@@ -142,23 +150,26 @@ def load_resume_checkpoint(out_dir: str | Path, sharded: bool = False) -> tuple[
             except UserError as e:
                 damaged.append((path, e))
     for name in (SHARDED_NAME, INTERRUPT_SHARDED_NAME):
-        manifest = read_manifest(out_dir / name)
-        if manifest is None:
-            continue
-        folder, m = manifest
         further = max((c.get("iter_num", 0) for _, c in found), default=-1)
-        if m["iter_num"] > further or (m["iter_num"] == further and sharded):  # a tie: the cheaper to load
-            try:
+        try:
+            manifest = read_manifest(out_dir / name)
+            if manifest is None:
+                continue
+            folder, m = manifest
+            if m["iter_num"] > further or (m["iter_num"] == further and sharded):  # a tie: the cheaper to load
+                if sharded:
+                    check_shards(folder, m, at)
                 ckpt = {**load_sharded_state(folder, m), "shards": folder} if sharded else load_sharded(folder.parent)
                 found = [(folder, ckpt)]
-            except UserError as e:
-                damaged.append((folder, e))
+        except UserError as e:
+            damaged.append((out_dir / name, e))
     if not found:
         if damaged:
             raise damaged[0][1]
         load_checkpoint(out_dir / CKPT_NAME)  # raises the message for a missing checkpoint
-    for path, e in damaged:
-        print(f"warning: skipping {path}: {e}", file=sys.stderr)
+    if at is None or at.master:
+        for path, e in damaged:
+            print(f"warning: skipping {path}: {e}", file=sys.stderr)
     return max(found, key=lambda pc: pc[1].get("iter_num", 0))
 
 
