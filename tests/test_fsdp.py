@@ -103,8 +103,13 @@ def test_fsdp_writes_sharded_checkpoints_and_one_file_at_the_end(straight, run_s
     assert stdout.count(f"saving sharded checkpoint to {out / SHARDED_NAME}") == 3
     manifest = json.loads((out / SHARDED_NAME / MANIFEST_NAME).read_text())
     assert manifest["iter_num"] == 12 and manifest["world_size"] == 2
-    folders = [p for p in (out / SHARDED_NAME).iterdir() if p.is_dir()]
-    assert [p.name for p in folders] == [manifest["folder"]]  # the older saves are gone
+    # the saves it replaced less than a minute ago stay for readers that opened them; none other is left
+    retired = [r["folder"] for r in manifest["retired"]]
+    assert sorted(p.name for p in (out / SHARDED_NAME).iterdir() if p.is_dir()) == sorted(
+        [manifest["folder"], *retired]
+    )
+    assert [r.split("-")[1] for r in retired] == ["0000008", "0000004"][: len(retired)]  # the one just replaced first
+    folders = [out / SHARDED_NAME / manifest["folder"]]
     files = sorted(p.name for p in folders[0].iterdir())
     assert sorted(manifest["crc32"]) == files and "state.pt" in files and ".metadata" in files
     assert {f[:4] for f in files if f.endswith(".distcp")} == {"__0_", "__1_"}  # each process wrote its shards
@@ -255,7 +260,7 @@ def test_a_damaged_or_missing_shard_is_refused_by_name(straight, args, tmp_path,
     from nanogpt.train import main as train_main
 
     out = copy_run(straight[0], tmp_path / "damaged", "ckpt.pt")
-    folder = next(p for p in (out / SHARDED_NAME).iterdir() if p.is_dir())
+    folder = out / SHARDED_NAME / json.loads((out / SHARDED_NAME / MANIFEST_NAME).read_text())["folder"]
     shard = sorted(folder.glob("__1_*.distcp"))[0]
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
