@@ -372,26 +372,48 @@ def popen_script(
 ):
     """A genuine `python <script> args...` subprocess (a path relative to the repository, or a flag such as
     -m or -c), text output piped. With new_session, it leads a process group of its own (its pid is the
-    group's id) that holds whatever it starts, torchrun's workers included: see kill_group."""
+    group's id). Everything it starts carries a tag in its environment, so kill_group finds it too: torchrun
+    starts each worker in a session of its own, which no signal to the child's group reaches."""
     cmd = [sys.executable, script if str(script).startswith("-") else str(REPO / script), *map(str, args)]
-    env = env or script_env()
-    return subprocess.Popen(
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    proc = subprocess.Popen(
         cmd,
         cwd=cwd,
-        env=env,
+        env={**(env or script_env()), TAG: tag},
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=new_session,
     )
+    proc.tag = tag  # type: ignore[attr-defined]
+    return proc
+
+
+TAG = "NANOGPT_TEST_TAG"  # in the environment of a popen_script child and of everything it starts
+
+
+def tagged(tag: str) -> list[int]:
+    """The processes whose environment holds TAG=tag: a child and its descendants, orphans included."""
+    found, marker = [], f"{TAG}={tag}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    """Send sig to every process left in the group of a popen_script(..., new_session=True) child (torchrun
-    and its workers; none if all have ended), and reap the child if the signal ends it."""
+    """Send sig to a popen_script child's process group and to every process it started, wherever they are
+    (torchrun's workers, even after torchrun itself ended), and reap the child if the signal ends it."""
     with _suppress():
         os.killpg(proc.pid, sig)
+    for pid in tagged(getattr(proc, "tag", "-")):
+        with _suppress():
+            os.kill(pid, sig)
     if sig == signal.SIGKILL:
         with _suppress():
             proc.wait(timeout=30)
@@ -463,8 +485,8 @@ def signal_at_line(
     group: bool = False,
 ) -> Result:
     """Run `python *args` (popen_script) and send `sig` as soon as it prints a line starting with `prefix`:
-    to the child alone (torchrun passes SIGTERM on to its workers), or with group=True to its whole process
-    group (torchrun and its workers: a SIGKILL that ends them all); returns the finished run. The child
+    to the child alone (torchrun passes SIGTERM on to its workers), or with group=True to it and everything it
+    started (torchrun and its workers: a SIGKILL that ends them all); returns the finished run. The child
     leads a process group of its own, and whatever is left of it when this returns (or fails) is killed,
     so no worker outlives the test. The lines are read on a thread, so a child that goes quiet (or never
     prints `prefix`) is killed after `timeout` seconds and the test fails with what it printed, instead of
@@ -510,7 +532,7 @@ def _signal_at_line(proc: subprocess.Popen, args, prefix: str, sig: int, timeout
         out.append(line)
         if not signalled and line.startswith(prefix):
             if group:
-                os.killpg(proc.pid, sig)
+                kill_group(proc, sig)
             else:
                 proc.send_signal(sig)
             signalled = True
