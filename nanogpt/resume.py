@@ -9,6 +9,7 @@ turns Ctrl-C or SIGTERM into a clean save (interrupt.pt) between two iterations.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import shlex
 import signal
@@ -157,11 +158,16 @@ class StopRequest:
     a clean checkpoint; a second Ctrl-C interrupts immediately, except under torchrun, which passes a
     terminal's Ctrl-C on to processes that got it already (and kills them itself if they take too long)."""
 
+    ORPHANED = "the end of torchrun"  # the reason a worker stops when torchrun died (SIGKILL, the OOM killer)
+
     def __init__(self, at: Place, argv: Sequence[str]) -> None:
         self.at = at
         self.resume_hint = resume_command(argv)  # printed when a signal stops the run
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
+        # torchrun starts each worker in a session of its own, so nothing stops one whose torchrun was killed:
+        # it notices its new parent, and stops and saves as on SIGTERM instead of training on unseen
+        self._parent = os.getppid() if at.torchrun else None
 
     def _handle(self, signum, frame) -> None:
         if self.signal_name is not None and signum == signal.SIGINT and not self.at.torchrun:
@@ -172,11 +178,13 @@ class StopRequest:
         """The signal that stops the run, the same on every process. A signal reaches torchrun's processes
         at slightly different moments, so they share what they got after each iteration (one small
         all-reduce, on the CPU) and all stop after the same one, where they can save together."""
+        if self._parent is not None and os.getppid() != self._parent:
+            self.signal_name = self.signal_name or self.ORPHANED
         if self.at.world == 1:
             return self.signal_name
         import torch.distributed as dist
 
-        names = ("SIGINT", "SIGTERM")
+        names = ("SIGINT", "SIGTERM", self.ORPHANED)
         got = torch.tensor([names.index(self.signal_name) + 1 if self.signal_name else 0])
         dist.all_reduce(got, op=dist.ReduceOp.MAX, group=self.at.cpu_group)
         return names[int(got) - 1] if int(got) else None
@@ -204,7 +212,7 @@ class StopRequest:
                 f"resume with: {self.resume_hint}",
                 file=sys.stderr,
             )
-        raise SystemExit(130 if signal_name == "SIGINT" else 143)
+        raise SystemExit(130 if signal_name == "SIGINT" else 143)  # 128 + the signal's number, as a shell reports
 
 
 def resume_command(argv: Sequence[str]) -> str:

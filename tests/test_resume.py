@@ -16,6 +16,8 @@ import random
 import re
 import shlex
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -551,3 +553,35 @@ def test_a_second_ctrl_c_stops_at_once_and_abandons_the_save(straight, tmp_path)
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip().endswith("interrupted") and "Traceback" not in result.stderr
     assert sorted(os.listdir(out)) == ["metrics.jsonl"]  # no checkpoint; the log of iterations 0 to 3
+
+
+def test_workers_whose_torchrun_was_killed_save_and_stop(straight, tmp_path):
+    """torchrun starts each worker in a session of its own, so a SIGKILL of torchrun alone (the OOM killer,
+    a kill -9) reaches no worker. They notice their parent changed, stop after the same iteration, save
+    interrupt.pt together and exit, instead of training on unseen."""
+    out, stdout, stderr = tmp_path / "out", tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", fr.REPO / "train.py",
+               *straight.args, f"--out_dir={out}", "--max_iters=1000000", "--eval_interval=1000000"]  # fmt: skip
+    env = {**fr.script_env(), fr.TAG: f"orphans-{os.getpid()}"}
+    with open(stdout, "w") as out_file, open(stderr, "w") as err_file:  # files: they outlive torchrun's pipes
+        proc = subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=out_file, stderr=err_file, start_new_session=True
+        )
+    proc.tag = env[fr.TAG]
+    try:
+        deadline = time.monotonic() + 120
+        while "iter 3:" not in stdout.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = [pid for pid in fr.tagged(proc.tag) if pid != proc.pid]
+        assert len(workers) == 2, stdout.read_text() + stderr.read_text()
+        os.kill(proc.pid, signal.SIGKILL)  # torchrun alone
+        proc.wait(timeout=30)
+        while fr.tagged(proc.tag) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fr.tagged(proc.tag) == [], "the workers trained on without their torchrun"
+    finally:
+        fr.kill_group(proc)
+    stop = re.search(r"stopped by the end of torchrun at iteration (\d+); saved (\S+)\.", stderr.read_text())
+    assert stop and stop[2] == str(out / "interrupt.pt"), stderr.read_text()
+    ckpt = load_checkpoint(out / "interrupt.pt")
+    assert ckpt["iter_num"] == int(stop[1]) > 3 and ckpt["reason"] == "interrupt" and len(ckpt["rng_ranks"]) == 2
