@@ -16,12 +16,14 @@ iteration appears twice; a run started afresh in the same folder moves the old f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from nanogpt.atomic import atomic_write_bytes
 
@@ -79,14 +81,29 @@ class MetricsWriter:
                 atomic_write_bytes(self.path, b"".join(_line(r) for r in kept))
                 self.time_offset = max((float(r.get("time", 0.0)) for r in kept), default=0.0)
         self.started = time.time()
-        self._file = open(self.path, "ab", buffering=0)  # unbuffered: each record is one write() call
+        self._file: BinaryIO | None = open(self.path, "ab", buffering=0)  # unbuffered: one write() per record
 
     def write(self, kind: str, **fields: Any) -> None:
+        """Append one record. A disk that fills up (or a file-size limit) stops the log, with one warning, not
+        the run: the checkpoints matter more, and their own saves say clearly when they cannot be written."""
+        if self._file is None:
+            return
         record = {"kind": kind, **fields, "time": round(self.time_offset + time.time() - self.started, 3)}
-        self._file.write(_line(record))
+        try:
+            self._file.write(_line(record))
+        except OSError as e:
+            print(
+                f"warning: could not append to {self.path} ({e.strerror}); training goes on without logging its "
+                f"metrics from iteration {fields.get('iter')} on. Free some disk space for its checkpoints.",
+                file=sys.stderr,
+            )
+            self.close()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
 
 
 def _line(record: dict[str, Any]) -> bytes:

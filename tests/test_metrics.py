@@ -57,6 +57,23 @@ def test_writer_records_and_nan_as_null(tmp_path):
     assert r[1]["time"] >= r[0]["time"]
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a disk that is always full)")
+def test_a_full_disk_stops_the_log_with_one_warning_not_the_run(tmp_path, capsys):
+    w = MetricsWriter(tmp_path)
+    w.write("train", iter=0, tokens=10, train_loss=2.5, lr=1e-3, mfu=None)
+    w._file = open("/dev/full", "ab", buffering=0)  # every write fails with ENOSPC, as on a full disk
+    for i in (1, 2, 3):
+        w.write("train", iter=i, tokens=10, train_loss=2.5, lr=1e-3, mfu=None)
+    w.close()
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.count("warning:") == 1
+    assert (
+        f"could not append to {tmp_path / METRICS_NAME} (No space left on device)" in err
+        and "from iteration 1 on" in err
+    )
+    assert [r["iter"] for r in read_metrics(tmp_path / METRICS_NAME)] == [0]
+
+
 def test_a_new_run_sets_the_old_file_aside(tmp_path):
     for n in range(3):
         w = MetricsWriter(tmp_path)
