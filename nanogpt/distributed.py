@@ -8,6 +8,7 @@ gradients and optimizer state over the processes and gathers each block's weight
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import io
 import os
@@ -106,15 +107,67 @@ def fail_together(at: Place, failure: str | None) -> None:
 def shard(model: GPT, at: Place, dtype: str) -> None:
     """FSDP2: each block, then the rest (embeddings, final norm, head), sharded over all ranks. Mixed
     precision through its policy: blocks compute in bfloat16 when asked, while the float32 shards stay the
-    master weights and gradients are reduced in float32."""
+    master weights and gradients are reduced in float32. A model built on the meta device (no memory) is
+    materialised after: each process allocates only its shards, initialised as GPT() would (materialise)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # copies of the layers as built (on meta: free), taken before fully_shard turns their weights into DTensors
+    built = constructed_layers(model) if any(p.is_meta for p in model.parameters()) else None
     mesh = init_device_mesh(at.device.split(":")[0], (at.world,))
     policy = MixedPrecisionPolicy(param_dtype=None if dtype == "float32" else DTYPES[dtype], reduce_dtype=torch.float32)
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    if built is not None:
+        materialise(model, built, at.device)
+
+
+def constructed_layers(model: GPT) -> list[tuple[torch.nn.Module, torch.nn.Module]]:
+    """The layers that initialise themselves as they are built (torch's Linear, Embedding, LayerNorm,
+    RMSNorm: reset_parameters), each with a copy (on meta: free), in the order GPT() built them, which is
+    the order they are registered in. Linear and Embedding drew random numbers there, which GPT.init_steps
+    then replaced; the norms keep their ones and zeros. materialise redoes both."""
+    return [
+        (m, copy.deepcopy(m))
+        for m in model.modules()
+        if hasattr(m, "reset_parameters") and any(True for _ in m.parameters(recurse=False))
+    ]
+
+
+@torch.no_grad()
+def materialise(model: GPT, built: list[tuple[torch.nn.Module, torch.nn.Module]], device: str) -> None:
+    """Allocate the shards of a sharded model built on the meta device and give them the weights GPT()
+    gives on the CPU after the same torch.manual_seed: every process draws the same random numbers in the
+    same order, one whole parameter at a time on the CPU, and keeps its part of each. The peak is one
+    layer, not the model. Every process must start from the same generator state."""
+    model.to_empty(device=device)
+    written = set()
+    while built:  # the layers' own initialisation as GPT() built them, a layer at a time
+        layer, twin = built.pop(0)
+        twin.to_empty(device="cpu").reset_parameters()
+        for name, p in layer.named_parameters(recurse=False):
+            _set_shard(p, getattr(twin, name))
+            written.add(id(p))
+    for p, init in model.init_steps():  # then GPT's, drawing after them as in GPT()
+        whole = torch.empty(p.shape, dtype=p.dtype)
+        init(whole)
+        _set_shard(p, whole)
+        written.add(id(p))
+    unset = [n for n, p in model.named_parameters() if id(p) not in written]
+    if unset:  # to_empty left them as whatever the memory held
+        raise RuntimeError(f"bug: materialise initialised neither layer nor step for {unset}")
+    model.init_buffers(device)  # RoPE's tables, left uninitialised by to_empty too
+
+
+def _set_shard(p: torch.Tensor, whole: torch.Tensor) -> None:
+    """Copy this process's part of `whole`, the full value of parameter `p`, into p (a DTensor's shard)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(p, DTensor):  # src_data_rank=None: each process splits its own copy, no communication
+        whole = distribute_tensor(whole, p.device_mesh, p.placements, src_data_rank=None).to_local()
+        p = p.to_local()
+    p.copy_(whole)
 
 
 def checkpoint_blocks(model: GPT) -> None:

@@ -23,7 +23,9 @@ This module is pure: no argv, no file I/O, no environment reads, no prints.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
@@ -226,7 +228,7 @@ class ReLU2(nn.Module):
 
 
 class TokenShift(nn.Module):
-    """x_t + w * x_(t-1) per channel, w learned (initialised to zero in GPT._init_weights: the model
+    """x_t + w * x_(t-1) per channel, w learned (initialised to zero in GPT.init_steps: the model
     starts as without it). RWKV's token shift (Peng et al. 2023): each position sees its predecessor
     before any attention, which a layer would otherwise spend its capacity on."""
 
@@ -346,6 +348,13 @@ class Block(nn.Module):
         return x
 
 
+def _children_first(module: nn.Module) -> Iterator[nn.Module]:
+    """module and everything in it, each module after its children: the order of module.apply(fn)."""
+    for child in module.children():
+        yield from _children_first(child)
+    yield module
+
+
 class GPT(nn.Module):
     """Embeddings, n_layer Blocks, a final norm and the language-model head: next-token logits."""
 
@@ -363,35 +372,52 @@ class GPT(nn.Module):
             ln_f=make_norm(config),  # pre-norm blocks leave the residual stream un-normalised: GPT-2 adds this
         )
         self.transformer = nn.ModuleDict(modules)
-        if config.pos_emb == "rope":  # derived from the config, so not saved in checkpoints
-            cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             # weight tying (Press & Wolf 2017): the output projection reuses the token embedding,
             # which saves vocab_size * n_embd parameters and is what GPT-2 does
             self.transformer.wte.weight = self.lm_head.weight
-        self.apply(self._init_weights)
+        self.init_buffers()
+        # torch's layers drew their own initialisation as they were built, in the order they are registered
+        # here (distributed.materialise relies on that to draw those numbers again); ours replaces it
+        for p, init in self.init_steps():
+            init(p)
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """The buffers derived from the config, RoPE's cos and sin tables: computed, so not saved in
+        checkpoints, and computed again for a model materialised from the meta device (distributed.py)."""
+        if self.config.pos_emb == "rope":
+            cfg = self.config
+            cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos.to(device), persistent=False)
+            self.register_buffer("rope_sin", sin.to(device), persistent=False)
+
+    def init_steps(self) -> Iterator[tuple[nn.Parameter, Callable[[torch.Tensor], object]]]:
+        """GPT-2's initialisation, the one place weights are initialised: (parameter, init function) steps
+        in the order they draw random numbers. N(0, 0.02) for Linear and Embedding weights, zero biases, a
+        zero token shift. Each step sets the whole parameter (none reads it), so a later one overrides an
+        earlier one: a tied weight takes lm_head's draw. GPT() runs the steps on the model itself;
+        distributed.materialise runs them on a sharded model, one whole parameter at a time."""
+        normal = functools.partial(torch.nn.init.normal_, mean=0.0, std=0.02)
+        for module in _children_first(self):  # the order of nanoGPT's self.apply(self._init_weights)
+            if isinstance(module, nn.Linear):
+                yield module.weight, normal
+                if module.bias is not None:
+                    yield module.bias, torch.nn.init.zeros_
+            elif isinstance(module, nn.Embedding):
+                yield module.weight, normal
+            elif isinstance(module, TokenShift):  # the model starts as without it
+                yield module.weight, torch.nn.init.zeros_
         # GPT-2 paper, section 2.3: scale the weights of residual projections by 1/sqrt(N), N being
         # the number of residual layers (2 per block), so the residual stream's variance stays put.
-        # With zero_init_proj each block starts as the identity instead (modded-nanogpt).
+        # With zero_init_proj each block starts as the identity instead (modded-nanogpt); the draw still
+        # happens, so the random numbers after it are those of the scaled initialisation
+        scaled = functools.partial(torch.nn.init.normal_, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-                if config.zero_init_proj:
-                    torch.nn.init.zeros_(p)
-
-    def _init_weights(self, module: nn.Module) -> None:  # the one place weights are initialised
-        """GPT-2 initialisation: N(0, 0.02) for Linear and Embedding weights, zero biases."""
-        if isinstance(module, nn.Linear):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                torch.nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        elif isinstance(module, TokenShift):
-            torch.nn.init.zeros_(module.weight)
+                yield p, scaled
+                if self.config.zero_init_proj:
+                    yield p, torch.nn.init.zeros_
 
     def get_num_params(self, non_embedding: bool = True) -> int:
         """Number of parameters. Embedding tables (lookups, no matmul) are excluded by default, as is

@@ -99,7 +99,10 @@ def build_model(o: TrainOptions, explicit: set[str], meta: dict, at: Place) -> t
     the checkpoint it came from."""
     if o.init_from == "scratch":
         vocab_size = meta["vocab_size"] or 50304  # GPT-2's 50257 padded up to a multiple of 64
-        return GPT(o.model_config(vocab_size)), None
+        # --fsdp: on the meta device, which takes no memory; each process allocates and initialises only its
+        # shards (distributed.shard). A resume from shards does the same (checkpoint.empty_model)
+        with torch.device("meta") if at.fsdp else contextlib.nullcontext():
+            return GPT(o.model_config(vocab_size)), None
     if o.init_from == "resume":
         return resume_model(o, explicit, at)
     from nanogpt.hf import load_pretrained_gpt2  # transformers is only needed for this path
@@ -130,17 +133,17 @@ def setup(o: TrainOptions, explicit: set[str], at: Place, dtype: str) -> tuple[T
     if at.fsdp:  # every rank keeps a shard of its own initialisation: they must all draw the same one
         torch.manual_seed(o.seed)  # (DDP instead broadcasts rank 0's weights)
     model, ckpt = build_model(o, explicit, meta, at)
-    if at.fsdp:
-        torch.manual_seed(o.seed + at.rank)
     if ckpt is None and o.init_from == "scratch" and at.master:
         print(f"number of parameters: {model.get_num_params() / 1e6:.2f}M")
     batches = TokenBatches(o.resolved_data_dir, model.config.block_size, vocab_size=model.config.vocab_size)
     tokenizer_spec = ckpt["tokenizer"] if ckpt is not None else tokenizer_of(o, meta)
-    model.to(at.device)
+    if not any(p.is_meta for p in model.parameters()):  # built on the meta device: sharding allocates it
+        model.to(at.device)
     if o.activation_checkpointing:
         checkpoint_blocks(model)
     if at.fsdp:  # before the optimizers: they must hold the shards
-        shard(model, at, dtype)
+        shard(model, at, dtype)  # initialises a model built on the meta device, drawing from seed o.seed
+        torch.manual_seed(o.seed + at.rank)
     if not o.eval_only:
         n_params = sum(p.numel() for p in model.parameters()) // (at.world if at.fsdp else 1)  # held per rank
         need = training_bytes(model.config, n_params, o.batch_size, DTYPES[dtype])

@@ -1,10 +1,12 @@
 """Per-process peak memory of training a GPT-2-medium-shaped model: one process, DDP and FSDP on 2.
 
-    python scripts/fsdp_memory.py [--processes=2] [--n_layer=24 --n_embd=1024 --n_head=16]
+    python scripts/fsdp_memory.py [--processes=2] [--n_layer=24 --n_embd=1024 --n_head=16] [--setup]
 
 Each configuration trains 2 iterations of batch 1 x 64 tokens on the CPU (float32, AdamW), on generated
 characters, and reports the peak resident memory of its largest process (getrusage of the finished
-children: torchrun's workers included). The last two: FSDP writing a sharded checkpoint at iteration 2
+children: torchrun's workers included). With --setup, FSDP's set-up alone too (train.py's setup(): the
+model built and sharded, the optimizer made, nothing run), where building the model on the meta device
+shows: no process holds the whole model. The last two: FSDP writing a sharded checkpoint at iteration 2
 (with --consolidate=False), then `nanogpt consolidate` of that checkpoint, which is what a run with
 --consolidate=True does in rank 0's process when it ends. Weights, gradients and AdamW's two moments take 16 bytes per
 parameter; DDP keeps all of them on every process, FSDP a 1/N shard of each.
@@ -20,6 +22,20 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+# train.py's set-up in each torchrun worker, and no training: what building and sharding the model costs
+SETUP_ONLY = """
+import sys
+from nanogpt.config import parse_args
+from nanogpt.distributed import end_processes, start_processes
+from nanogpt.train import setup
+from nanogpt.train_options import TrainOptions
+
+o, explicit = parse_args(TrainOptions, sys.argv[1:], "setup_only.py", "")
+at = start_processes(o.device, o.backend, o.gradient_accumulation_steps, o.fsdp)
+setup(o, explicit, at, o.dtype)
+end_processes(at, together=True)
+"""
 
 
 def peak_mib(cmd: list[str], cwd: Path) -> float:
@@ -41,6 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--n_layer", type=int, default=24)
     p.add_argument("--n_head", type=int, default=16)
     p.add_argument("--n_embd", type=int, default=1024)
+    p.add_argument("--setup", action="store_true", help="also measure FSDP's set-up alone (nothing run)")
     a = p.parse_args(argv)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,6 +82,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"DDP, {n} processes": [*torchrun, *train, f"--gradient_accumulation_steps={n}", "--out_dir=ddp"],
             f"FSDP, {n} processes": [*torchrun, *train, f"--gradient_accumulation_steps={n}", "--out_dir=fsdp", "--fsdp=True"],
         }  # fmt: skip
+        if a.setup:  # the set-up's peak: a process's shards and, were the model built whole first, that whole model
+            (tmp / "setup_only.py").write_text(SETUP_ONLY, encoding="utf-8")
+            setup_only = [*torchrun, "setup_only.py", *train[1:], f"--gradient_accumulation_steps={n}", "--fsdp=True"]
+            runs[f"FSDP, {n} processes, set-up only"] = [*setup_only, "--out_dir=setup"]
         # a sharded checkpoint at iteration 2, every process writing its shards; then consolidating it, alone
         saving = [*runs[f"FSDP, {n} processes"][:-2], "--out_dir=saving", "--fsdp=True", "--eval_interval=2"]
         runs[f"FSDP, {n} processes, saving a sharded checkpoint"] = [*saving, "--consolidate=False"]

@@ -27,6 +27,7 @@ checks every entry's CRC-32, so a damaged copy is refused rather than loaded wit
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import sys
 import zipfile
@@ -225,12 +226,15 @@ def _entry_failing_crc(path: Path) -> str | None:
 
 
 def empty_model(ckpt: dict[str, Any], dropout: float | None = None) -> GPT:
-    """A freshly initialised GPT of the shape stored in a checkpoint, for its weights to be loaded into."""
+    """A freshly initialised GPT of the shape stored in a checkpoint, for its weights to be loaded into.
+    On the meta device (no memory) when its weights are shards left on disk (an --fsdp resume): they load
+    into the sharded model, which distributed.shard allocates a shard per process."""
     args = dict(ckpt["model_args"])
     if dropout is not None:
         args["dropout"] = dropout
     try:
-        return GPT(GPTConfig(**args))
+        with torch.device("meta") if "shards" in ckpt else contextlib.nullcontext():
+            return GPT(GPTConfig(**args))
     except (TypeError, ValueError) as e:
         raise UserError(f"the checkpoint's model_args are damaged ({e}).") from None
 
