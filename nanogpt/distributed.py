@@ -104,6 +104,28 @@ def fail_together(at: Place, failure: str | None) -> None:
     raise SystemExit(2)  # the master says what went wrong, once
 
 
+LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+
+
+def lost_peer(e: BaseException, at: Place) -> UserError | None:
+    """The message for a collective that failed because another process of the run ended (killed, out of
+    memory, or its own error): gloo and NCCL say so in their own words, as a RuntimeError (DistError in
+    newer PyTorch). None for any other error."""
+    if at.world == 1 or not isinstance(e, RuntimeError):
+        return None
+    import torch.distributed as dist
+
+    cause = next((words for words in LOST_PEER if words in str(e)), None)
+    if cause is None and not isinstance(e, dist.DistError):
+        return None
+    return UserError(
+        f"process {at.rank} of {at.world} stopped because another process of this run ended "
+        f"({cause or type(e).__name__}). Its own message above, or torchrun's report of its exit code (-9: "
+        "killed, for instance by the out-of-memory killer), says why. The checkpoints saved so far are intact: "
+        "resume with --init_from=resume."
+    )
+
+
 def shard(model: GPT, at: Place, dtype: str) -> None:
     """FSDP2: each block, then the rest (embeddings, final norm, head), sharded over all ranks. Mixed
     precision through its policy: blocks compute in bfloat16 when asked, while the float32 shards stay the

@@ -30,6 +30,7 @@ from nanogpt.distributed import (
     Place,
     checkpoint_blocks,
     end_processes,
+    lost_peer,
     rng_to_restore,
     shard,
     start_processes,
@@ -77,9 +78,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         together = True
         raise
     except (RuntimeError, MemoryError) as e:  # torch.OutOfMemoryError is a RuntimeError
-        if not is_out_of_memory(e):
+        if is_out_of_memory(e):
+            raise out_of_memory(at.device, TRAIN_ADVICE) from None
+        lost = lost_peer(e, at)  # a collective whose other end was killed: a clear message, not a traceback
+        if lost is None:
             raise
-        raise out_of_memory(at.device, TRAIN_ADVICE) from None
+        raise lost from None
     finally:
         end_processes(at, together)
     shards = checkpoint.SHARDED_NAME

@@ -206,7 +206,7 @@ def test_fsdp_kill_storm_leaves_a_checkpoint_that_loads_and_resumes(args, tmp_pa
         finally:
             fr.kill_group(proc)
         err = err_file.read_text()
-        assert "Timeout" not in err, err
+        assert "Timeout" not in err and "bug:" not in err, err  # a survivor says why it stopped, no traceback
         saved = load_sharded(out / SHARDED_NAME)  # every file whole, the weights and AdamW state readable
         assert saved["iter_num"] >= max(reached, 2), (round, victim)
         reached = saved["iter_num"]
