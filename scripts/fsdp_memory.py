@@ -1,10 +1,10 @@
 """Per-process peak memory of training a GPT-2-medium-shaped model: one process, DDP and FSDP on 2.
 
-    python scripts/fsdp_memory.py [--processes=2] [--n_layer=24 --n_embd=1024 --n_head=16] [--setup]
+    python scripts/fsdp_memory.py [--processes=2] [--n_layer=24 --n_embd=1024 --n_head=16]
 
 Each configuration trains 2 iterations of batch 1 x 64 tokens on the CPU (float32, AdamW), on generated
 characters, and reports the peak resident memory of its largest process (getrusage of the finished
-children: torchrun's workers included). With --setup, FSDP's set-up alone too (train.py's setup(): the
+children: torchrun's workers included). Then FSDP's set-up alone (train.py's setup(): the
 model built and sharded, the optimizer made, nothing run), where building the model on the meta device
 shows: no process holds the whole model. The last two: FSDP writing a sharded checkpoint at iteration 2
 (with --consolidate=False), then `nanogpt consolidate` of that checkpoint, which is what a run with
@@ -57,7 +57,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--n_layer", type=int, default=24)
     p.add_argument("--n_head", type=int, default=16)
     p.add_argument("--n_embd", type=int, default=1024)
-    p.add_argument("--setup", action="store_true", help="also measure FSDP's set-up alone (nothing run)")
     a = p.parse_args(argv)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,10 +81,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"DDP, {n} processes": [*torchrun, *train, f"--gradient_accumulation_steps={n}", "--out_dir=ddp"],
             f"FSDP, {n} processes": [*torchrun, *train, f"--gradient_accumulation_steps={n}", "--out_dir=fsdp", "--fsdp=True"],
         }  # fmt: skip
-        if a.setup:  # the set-up's peak: a process's shards and, were the model built whole first, that whole model
-            (tmp / "setup_only.py").write_text(SETUP_ONLY, encoding="utf-8")
-            setup_only = [*torchrun, "setup_only.py", *train[1:], f"--gradient_accumulation_steps={n}", "--fsdp=True"]
-            runs[f"FSDP, {n} processes, set-up only"] = [*setup_only, "--out_dir=setup"]
+        # the set-up's peak: a process's shards and, were the model built whole first, that whole model
+        (tmp / "setup_only.py").write_text(SETUP_ONLY, encoding="utf-8")
+        setup_only = [*torchrun, "setup_only.py", *train[1:], f"--gradient_accumulation_steps={n}", "--fsdp=True"]
+        runs[f"FSDP, {n} processes, set-up only"] = [*setup_only, "--out_dir=setup"]
         # a sharded checkpoint at iteration 2, every process writing its shards; then consolidating it, alone
         saving = [*runs[f"FSDP, {n} processes"][:-2], "--out_dir=saving", "--fsdp=True", "--eval_interval=2"]
         runs[f"FSDP, {n} processes, saving a sharded checkpoint"] = [*saving, "--consolidate=False"]

@@ -347,6 +347,7 @@ def test_memory_script_measures_every_configuration():
         "1 process",
         "DDP, 2 processes",
         "FSDP, 2 processes",
+        "FSDP, 2 processes, set-up only",
         "FSDP, 2 processes, saving a sharded checkpoint",
         "nanogpt consolidate of it, 1 process",
     ]
