@@ -162,7 +162,7 @@ class StopRequest:
 
     def __init__(self, at: Place, argv: Sequence[str]) -> None:
         self.at = at
-        self.resume_hint = resume_command(argv)  # printed when a signal stops the run
+        self.resume_hint = resume_command(argv, at)  # printed when a signal stops the run
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
         # torchrun starts each worker in a session of its own, so nothing stops one whose torchrun was killed:
@@ -215,9 +215,14 @@ class StopRequest:
         raise SystemExit(130 if signal_name == "SIGINT" else 143)  # 128 + the signal's number, as a shell reports
 
 
-def resume_command(argv: Sequence[str]) -> str:
+def resume_command(argv: Sequence[str], at: Place | None = None) -> str:
+    """The command that resumes this run: the same options, --init_from=resume, and under torchrun on one
+    machine the same number of processes (a run over several machines is restarted as it was started)."""
     args = [a for a in argv if not a.startswith("--init_from=")]
-    return shlex.join(["python", "train.py", *args, "--init_from=resume"])
+    launcher = ["python"]
+    if at is not None and at.torchrun and os.environ.get("LOCAL_WORLD_SIZE") == str(at.world):
+        launcher = ["torchrun", "--standalone", f"--nproc_per_node={at.world}"]
+    return shlex.join([*launcher, "train.py", *args, "--init_from=resume"])
 
 
 # ----------------------------------------------------------------------------- resuming

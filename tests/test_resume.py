@@ -583,5 +583,7 @@ def test_workers_whose_torchrun_was_killed_save_and_stop(straight, tmp_path):
         fr.kill_group(proc)
     stop = re.search(r"stopped by the end of torchrun at iteration (\d+); saved (\S+)\.", stderr.read_text())
     assert stop and stop[2] == str(out / "interrupt.pt"), stderr.read_text()
+    hint = "resume with: torchrun --standalone --nproc_per_node=2 train.py"  # as many processes again
+    assert hint in stderr.read_text() and stderr.read_text().count("resume with:") == 1
     ckpt = load_checkpoint(out / "interrupt.pt")
     assert ckpt["iter_num"] == int(stop[1]) > 3 and ckpt["reason"] == "interrupt" and len(ckpt["rng_ranks"]) == 2
