@@ -54,21 +54,22 @@ RECIPE = (
 
 @pytest.fixture
 def run_sharded(run_script, tiny_checkpoint, tiny_model_args, tmp_path):
-    """run_sharded(*options) -> what each of 2 gloo FSDP workers saw, after setup() of train.py's main."""
+    """run_sharded(*options, nproc=2) -> what each FSDP worker (gloo on the CPU) saw, after setup() of train.py's
+    main."""
     driver = tmp_path / "fsdp_init_driver.py"
     driver.write_text(DRIVER, encoding="utf-8")
     args = [a for a in tiny_model_args if not a.startswith(("--gradient_accumulation_steps", "--n_layer"))]
 
-    def run(*options: str) -> list[dict]:
+    def run(*options: str, nproc: int = 2) -> list[dict]:
         records = tmp_path / "records"
         records.mkdir(exist_ok=True)
         proc = run_script(
-            "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", driver, records, *args,
+            "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", driver, records, *args,
             "--n_layer=2", "--gradient_accumulation_steps=2", f"--data_dir={tiny_checkpoint.parent / 'data'}",
             f"--out_dir={tmp_path / 'out'}", "--fsdp=True", "--dtype=float32", *options, timeout=240,
         )  # fmt: skip
         assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-        return [torch.load(records / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+        return [torch.load(records / f"rank{r}.pt", weights_only=True, map_location="cpu") for r in range(nproc)]
 
     return run
 
@@ -114,3 +115,16 @@ def test_resuming_from_shards_builds_on_meta_and_loads_the_saved_weights(run_sha
         assert rank["devices_before_shard"] == ["meta"]
         assert_same_weights(rank["weights"], dict(want.named_parameters()))
         assert_same_weights(rank["buffers"], dict(want.named_buffers()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.py runs it there)")
+def test_sharded_initialisation_on_cuda_is_the_unsharded_one_bit_for_bit(run_sharded):
+    """The GPU path (NCCL): the shards are drawn on the CPU a parameter at a time and copied to the GPU, so
+    they equal the CPU's GPT(config) after the same seed, bit for bit."""
+    seed = 4321
+    (rank,) = run_sharded(f"--seed={seed}", "--eval_only=True", "--device=cuda", *RECIPE, nproc=1)
+    torch.manual_seed(seed)
+    want = GPT(GPTConfig(**rank["config"]))
+    assert rank["devices_before_shard"] == ["meta"]
+    assert_same_weights(rank["weights"], dict(want.named_parameters()))
+    assert_same_weights(rank["buffers"], dict(want.named_buffers()))
