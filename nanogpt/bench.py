@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from nanogpt.config import option, parse_args
+from nanogpt.config import device_option, dtype_option, option, parse_args
 from nanogpt.device import DTYPES, autocast, enable_tf32, resolve_device, resolve_dtype
 from nanogpt.errors import UserError, run_main
 from nanogpt.generate import generate
@@ -49,8 +49,8 @@ PRESETS: dict[str, tuple[GPTConfig, int]] = {
 class BenchOptions:
     models: str = option("seed,gpt2", f"comma-separated scenarios among: {', '.join(PRESETS)}")
     batch_size: int = option(0, "training sequences per step; 0 uses the scenario's")
-    device: str = option("auto", "auto, cpu, cuda, cuda:N or mps")
-    dtype: str = option("auto", "auto, float32, bfloat16 or float16")
+    device: str = device_option()
+    dtype: str = dtype_option("auto, float32, bfloat16 or float16")
     compile: bool = option(False, "torch.compile the model for the training steps")
     train_steps: int = option(20, "timed training steps (after warm-up); GPT-2 on a CPU uses a quarter")
     warmup_steps: int = option(3, "untimed training steps first (compilation, allocator warm-up)")

@@ -11,6 +11,7 @@ The tests also run each script once as a genuine `python train.py ...` subproces
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import queue
@@ -369,25 +370,52 @@ def popen_script(
     cwd: Path,
     env: dict[str, str] | None = None,
     new_session: bool = False,
+    stdout: Path | None = None,
+    stderr: Path | None = None,
 ):
     """A genuine `python <script> args...` subprocess (a path relative to the repository, or a flag such as
-    -m or -c), text output piped. With new_session, it leads a process group of its own (its pid is the
-    group's id). Everything it starts carries a tag in its environment, so kill_group finds it too: torchrun
-    starts each worker in a session of its own, which no signal to the child's group reaches."""
+    -m or -c), text output piped, or written to the files `stdout`/`stderr` (a file outlives the child: what
+    torchrun's workers write after torchrun ended; tqdm's bar never fills it). With new_session, it leads a
+    process group of its own (its pid is the group's id). Everything it starts carries a tag in its
+    environment, so kill_group finds it too: torchrun starts each worker in a session of its own, which no
+    signal to the child's group reaches."""
     cmd = [sys.executable, script if str(script).startswith("-") else str(REPO / script), *map(str, args)]
     tag = f"{os.getpid()}-{time.monotonic_ns()}"
-    proc = subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env={**(env or script_env()), TAG: tag},
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=new_session,
-    )
+    with contextlib.ExitStack() as files:
+        out, err = (files.enter_context(open(p, "w")) if p else subprocess.PIPE for p in (stdout, stderr))
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env={**(env or script_env()), TAG: tag},
+            stdin=subprocess.PIPE,
+            stdout=out,
+            stderr=err,
+            text=True,
+            start_new_session=new_session,
+        )
     proc.tag = tag  # type: ignore[attr-defined]
     return proc
+
+
+def torchrun_command(args: list[str], out: Path, *extra: str, nproc: int = 2, script: list | None = None) -> list:
+    """torchrun of train.py, or of `script` (a worker script and its own arguments) given train.py's options."""
+    return [
+        "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *(script or [REPO / "train.py"]),
+        *args, f"--out_dir={out}", *extra,
+    ]  # fmt: skip
+
+
+def worker_pid(parent: int, rank: int) -> int | None:
+    """The pid of torchrun's worker of that rank (`parent`: torchrun's pid), or None."""
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if int(stat[1]) == parent and f"RANK={rank}".encode() in env and int(proc.name) != parent:
+            return int(proc.name)
+    return None
 
 
 TAG = "NANOGPT_TEST_TAG"  # in the environment of a popen_script child and of everything it starts

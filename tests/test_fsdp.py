@@ -44,17 +44,9 @@ def args(tiny_checkpoint, tiny_model_args) -> list[str]:
     ]  # fmt: skip
 
 
-def torchrun_command(args: list[str], out: Path, *extra: str, nproc: int = 2, script: list | None = None) -> list:
-    """torchrun of train.py, or of `script` (a worker script and its own arguments) given train.py's options."""
-    return [
-        "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *(script or [fr.REPO / "train.py"]),
-        *args, f"--out_dir={out}", *extra,
-    ]  # fmt: skip
-
-
 def torchrun(args: list[str], out: Path, *extra: str, nproc: int = 2, script: list | None = None) -> str:
     """A finished torchrun of train.py (or `script`); returns its output, stdout then stderr (where warnings go)."""
-    command = torchrun_command(args, out, *extra, nproc=nproc, script=script)
+    command = fr.torchrun_command(args, out, *extra, nproc=nproc, script=script)
     out.parent.mkdir(parents=True, exist_ok=True)
     proc = fr.run_script(*command, cwd=out.parent, timeout=240)
     assert proc.returncode == 0, proc.stderr
@@ -122,19 +114,6 @@ def test_fsdp_writes_sharded_checkpoints_and_one_file_at_the_end(straight, run_s
     assert sample.returncode == 0, sample.stderr
 
 
-def worker_pid(parent: int, rank: int) -> int | None:
-    """The pid of torchrun's worker of that rank (its process group leader is `parent`), or None."""
-    for proc in Path("/proc").iterdir():
-        try:
-            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-            env = (proc / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError, ValueError):
-            continue
-        if int(stat[1]) == parent and f"RANK={rank}".encode() in env and int(proc.name) != parent:
-            return int(proc.name)
-    return None
-
-
 def straight_to(end: int, straight: tuple[Path, str], args: list[str], tmp_path: Path) -> Path:
     """The out_dir of an uninterrupted --fsdp run to iteration `end`: the module's `straight` run for its 12."""
     if end == 12:
@@ -150,7 +129,7 @@ def test_one_rank_killed_mid_run_resumes_bit_identically(straight, args, tmp_pat
     checkpoint, if it got further): the weights, AdamW's moments and every loss of metrics.jsonl (full
     precision, those before the kill included) are those of a run nobody stopped."""
     out = tmp_path / "killed"
-    command = torchrun_command(args, out, "--max_iters=1000000", "--fsdp=True")
+    command = fr.torchrun_command(args, out, "--max_iters=1000000", "--fsdp=True")
     proc = fr.popen_script(*command, cwd=tmp_path, env=fr.script_env(), new_session=True)
     manifest = out / SHARDED_NAME / MANIFEST_NAME
     try:
@@ -160,7 +139,7 @@ def test_one_rank_killed_mid_run_resumes_bit_identically(straight, args, tmp_pat
                 fr.kill_group(proc)
                 raise AssertionError("no checkpoint within 120 s:\n" + "\n".join(proc.communicate(timeout=30)))
             time.sleep(0.005)
-        victim = worker_pid(proc.pid, rank=1)
+        victim = fr.worker_pid(proc.pid, rank=1)
         assert victim is not None, "rank 1 is not running"
         os.kill(victim, signal.SIGSTOP)  # frozen where it stands; then killed without warning
         os.kill(victim, signal.SIGKILL)
@@ -195,7 +174,7 @@ def test_sigterm_saves_a_sharded_checkpoint_that_resumes_bit_identically(straigh
     rank's random streams in it; ckpt.dcp (the evaluations') is left alone. Resumed to iteration 12 (or 4
     past the stop), the weights and every loss of metrics.jsonl (full precision) are a straight run's."""
     out = tmp_path / "stopped"
-    command = torchrun_command(args, out, "--max_iters=1000000", "--fsdp=True")
+    command = fr.torchrun_command(args, out, "--max_iters=1000000", "--fsdp=True")
     stopped = fr.signal_at_line(command, tmp_path, "iter 5:", signal.SIGTERM)
     stop = re.search(r"stopped by SIGTERM at iteration (\d+); saved (\S+)\.", stopped.stderr)
     assert stopped.returncode != 0 and stop and stop[2].startswith(str(out / INTERRUPT_SHARDED_NAME)), stopped.stderr
@@ -270,7 +249,7 @@ def test_a_damaged_or_missing_shard_is_refused_by_name(straight, args, tmp_path,
     shard.write_bytes(bytes(data))
     # two processes, each checking a share of the files: both refuse, nothing is loaded
     proc = fr.run_script(
-        *torchrun_command(args, out, "--max_iters=16", "--fsdp=True", "--init_from=resume"), cwd=tmp_path
+        *fr.torchrun_command(args, out, "--max_iters=16", "--fsdp=True", "--init_from=resume"), cwd=tmp_path
     )
     message = " ".join(proc.stderr.split())
     assert proc.returncode != 0 and "exitcode : 2" in message and "bug:" not in message  # each worker: a UserError

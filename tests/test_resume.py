@@ -16,8 +16,6 @@ import random
 import re
 import shlex
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -560,14 +558,11 @@ def test_workers_whose_torchrun_was_killed_save_and_stop(straight, tmp_path):
     a kill -9) reaches no worker. They notice their parent changed, stop after the same iteration, save
     interrupt.pt together and exit, instead of training on unseen."""
     out, stdout, stderr = tmp_path / "out", tmp_path / "stdout.txt", tmp_path / "stderr.txt"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", fr.REPO / "train.py",
-               *straight.args, f"--out_dir={out}", "--max_iters=1000000", "--eval_interval=1000000"]  # fmt: skip
-    env = {**fr.script_env(), fr.TAG: f"orphans-{os.getpid()}"}
-    with open(stdout, "w") as out_file, open(stderr, "w") as err_file:  # files: they outlive torchrun's pipes
-        proc = subprocess.Popen(
-            command, cwd=tmp_path, env=env, stdout=out_file, stderr=err_file, start_new_session=True
-        )
-    proc.tag = env[fr.TAG]
+    args = [*straight.args, "--max_iters=1000000", "--eval_interval=1000000"]
+    # files, not pipes: the workers write after torchrun is gone
+    proc = fr.popen_script(
+        *fr.torchrun_command(args, out), cwd=tmp_path, new_session=True, stdout=stdout, stderr=stderr
+    )
     try:
         deadline = time.monotonic() + 120
         while "iter 3:" not in stdout.read_text() and time.monotonic() < deadline:

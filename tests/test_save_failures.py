@@ -45,8 +45,7 @@ def torchrun(args: list[str], out: Path, *extra: str, limited_rank: int | None =
         wrapper = out.parent / "limited.py"
         wrapper.write_text(LIMITED, encoding="utf-8")
         script = [wrapper, str(limited_rank), str(LIMIT), *script]
-    command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *script, *args]
-    return fr.run_script(*command, f"--out_dir={out}", *extra, cwd=out.parent, timeout=240)
+    return fr.run_script(*fr.torchrun_command(args, out, *extra, script=script), cwd=out.parent, timeout=240)
 
 
 def digest(folder: Path) -> dict[str, str]:

@@ -9,8 +9,6 @@ import queue
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -43,16 +41,11 @@ def args(tiny_checkpoint, tiny_model_args) -> list[str]:
             "--fsdp=True", "--consolidate=False"]  # fmt: skip
 
 
-def torchrun_command(args: list[str], out: Path, *extra: str, nproc: int = 2) -> list:
-    return ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", fr.REPO / "train.py", *args,
-            f"--out_dir={out}", *extra]  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def one_save(args, tmp_path_factory) -> Path:
     """out_dir of a one-process --fsdp run with a sharded checkpoint at iteration 2 (and no ckpt.pt)."""
     out = tmp_path_factory.mktemp("sharded") / "out"
-    proc = fr.run_script(*torchrun_command(args, out, "--max_iters=2", "--eval_interval=2", nproc=1), cwd=out.parent)
+    proc = fr.run_script(*fr.torchrun_command(args, out, "--max_iters=2", "--eval_interval=2", nproc=1), cwd=out.parent)
     assert proc.returncode == 0, proc.stderr
     return out
 
@@ -167,14 +160,6 @@ class Lines:
             count -= line.startswith(prefix)
 
 
-def workers(torchrun_pid: int) -> list[int]:
-    """torchrun's worker processes (its children, each in a session of its own), in the order started."""
-    found = []
-    for task in Path(f"/proc/{torchrun_pid}/task").iterdir():
-        found += [int(p) for p in (task / "children").read_text().split()]
-    return sorted(found)
-
-
 @needs_dist
 def test_fsdp_kill_storm_leaves_a_checkpoint_that_loads_and_resumes(args, tmp_path):
     """SIGKILL one process, or all, at 10 random moments of an --fsdp run that saves every 2 iterations (a kill
@@ -184,14 +169,11 @@ def test_fsdp_kill_storm_leaves_a_checkpoint_that_loads_and_resumes(args, tmp_pa
     reached = -1
     for round in range(10):
         extra = ["--init_from=resume"] if round else []
-        command = torchrun_command(
+        command = fr.torchrun_command(
             args, out, "--max_iters=1000000", "--eval_interval=2", "--always_save_checkpoint=True", *extra
         )
-        err_file = tmp_path / f"stderr-{round}.txt"
-        with open(err_file, "w") as err:  # a file, not a pipe: tqdm's bar would fill one, and block the run
-            cmd = [sys.executable, *map(str, command)]
-            proc = subprocess.Popen(cmd, cwd=tmp_path, env=fr.script_env(), stdout=subprocess.PIPE, stderr=err,
-                                    text=True, start_new_session=True)  # fmt: skip
+        err_file = tmp_path / f"stderr-{round}.txt"  # a file, not a pipe: tqdm's bar would fill one, and block the run
+        proc = fr.popen_script(*command, cwd=tmp_path, new_session=True, stderr=err_file)
         victim = rng.choice(["rank 0", "rank 1", "all"])
         try:
             lines = Lines(proc)
@@ -199,9 +181,8 @@ def test_fsdp_kill_storm_leaves_a_checkpoint_that_loads_and_resumes(args, tmp_pa
                 lines.wait_for("resuming from", 1)
             lines.wait_for("iter ", rng.randint(1 if round else 3, 9))
             time.sleep(rng.uniform(0, 0.1))  # anywhere in an iteration, an evaluation or a save
-            ranks = workers(proc.pid)
-            for pid in ranks if victim == "all" else [ranks[int(victim[-1])]]:
-                os.kill(pid, signal.SIGKILL)
+            for rank in (0, 1) if victim == "all" else (int(victim[-1]),):
+                os.kill(fr.worker_pid(proc.pid, rank), signal.SIGKILL)
             proc.wait(timeout=120)  # torchrun stops the other process itself
         finally:
             fr.kill_group(proc)
@@ -210,7 +191,7 @@ def test_fsdp_kill_storm_leaves_a_checkpoint_that_loads_and_resumes(args, tmp_pa
         saved = load_sharded(out / SHARDED_NAME)  # every file whole, the weights and AdamW state readable
         assert saved["iter_num"] >= max(reached, 2), (round, victim)
         reached = saved["iter_num"]
-    resumed = fr.run_script(*torchrun_command(args, out, f"--max_iters={reached + 4}", "--eval_interval=2",
+    resumed = fr.run_script(*fr.torchrun_command(args, out, f"--max_iters={reached + 4}", "--eval_interval=2",
                                               "--init_from=resume"), cwd=tmp_path, timeout=240)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert (

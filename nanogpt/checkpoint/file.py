@@ -101,15 +101,21 @@ def save_checkpoint(path: str | Path, ckpt: dict[str, Any]) -> None:
     except (OSError, RuntimeError) as e:
         if isinstance(e.__context__, KeyboardInterrupt):  # a second Ctrl-C mid-write, which torch's zip writer
             raise e.__context__ from None  # turns into a RuntimeError: it stops the run at once, as Ctrl-C does
-        # torch.save reports a failed write (disk full...) as a RuntimeError whose context is the OSError
-        if not isinstance(e, OSError):
-            e = e.__context__
-            if not isinstance(e, OSError):
-                raise
+        cause = os_error_in(e)
+        if cause is None:
+            raise
         raise UserError(
-            f"could not write the checkpoint {path} ({e.strerror or e}); the previous checkpoint, if any, is "
-            "unchanged. Free some disk space or choose a writable --out_dir."
+            f"could not write the checkpoint {path} ({cause.strerror or cause}); the previous checkpoint, if any, "
+            "is unchanged. Free some disk space or choose a writable --out_dir."
         ) from None
+
+
+def os_error_in(e: BaseException | None) -> OSError | None:
+    """The OSError behind a failed write: e itself, or in its context. torch's zip writer reports a failed
+    write (disk full, "File too large") as a RuntimeError ("unexpected pos") whose context is the OSError."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__context__
+    return e
 
 
 def _migrate(ckpt: dict[str, Any], path: Path) -> dict[str, Any]:

@@ -34,7 +34,14 @@ from typing import Any
 import torch
 
 from nanogpt.atomic import atomic_open, atomic_write_bytes
-from nanogpt.checkpoint.file import FORMAT_VERSION, diverged_weights, empty_model, load_checkpoint, nonfinite_weights
+from nanogpt.checkpoint.file import (
+    FORMAT_VERSION,
+    diverged_weights,
+    empty_model,
+    load_checkpoint,
+    nonfinite_weights,
+    os_error_in,
+)
 from nanogpt.distributed import Place, fail_together
 from nanogpt.errors import UserError
 from nanogpt.optim import build_optimizers
@@ -118,9 +125,7 @@ def shard_writer(folder: Path, rank: int):
                 written = super().write_data(plan, planner)
                 written.wait()
             except Exception as e:
-                cause = e
-                while cause is not None and not isinstance(cause, OSError):
-                    cause = cause.__context__
+                cause = os_error_in(e)
                 if cause is None:
                     raise
                 raise OSError(cause.errno, cause.strerror, str(folder / f"__{rank}_*.distcp")) from None
@@ -157,9 +162,7 @@ def first_cause(e: BaseException) -> str:
     failed rank's exception) or torch.save (a RuntimeError whose context is the OSError) raised."""
     failures = getattr(e, "failures", {})  # {rank: (exception, traceback)}
     causes = [exc for exc, _ in failures.values()] or [e]
-    cause = next((c for c in causes if isinstance(c, OSError)), causes[0])
-    while not isinstance(cause, OSError) and isinstance(cause.__context__, OSError):
-        cause = cause.__context__
+    cause = next((c for c in map(os_error_in, causes) if c is not None), causes[0])
     return f"{cause.strerror}: {cause.filename}" if isinstance(cause, OSError) and cause.filename else str(cause)
 
 
